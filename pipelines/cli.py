@@ -1,0 +1,90 @@
+"""The command line every stage shares.
+
+    python -m pipelines.<stage> --config NAME_OR_FILE [--set key.path=value ...] --output URI
+
+NAME is a preset of the stage; FILE is a JSON file merged over the stage's `default` preset. Each
+`--set` goes through `tipsv2.config_tree.override`, so an unknown key fails with the valid ones.
+Stages write the resolved config (`config.json`) and a `summary.json` next to their outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Callable, TypeVar
+
+from pipelines import storage
+from tipsv2 import config_tree
+
+Cfg = TypeVar("Cfg")
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+def resolve_config(name_or_file: str, presets: dict[str, Callable[[], Cfg]], sets: list[str]) -> Cfg:
+    """Preset by name, or a JSON file merged over the `default` preset; then the `--set` overrides."""
+    if name_or_file in presets:
+        cfg = presets[name_or_file]()
+    elif name_or_file.endswith(".json") or os.path.sep in name_or_file or storage.is_s3(name_or_file):
+        if "default" not in presets:
+            raise ValueError(f"a config file needs a 'default' preset to merge over; presets: {sorted(presets)}")
+        cfg = config_tree.merge(presets["default"](), json.loads(storage.read_bytes(name_or_file)))
+    else:
+        raise ValueError(f"--config {name_or_file!r} is neither a preset {sorted(presets)} nor a .json file")
+    for assignment in sets:
+        cfg = config_tree.override(cfg, assignment)
+    return cfg
+
+
+def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]],
+                     *, description: str | None = None) -> tuple[Cfg, str]:
+    """Parse the shared stage flags; returns (resolved config, output URI)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="default", help=f"preset {sorted(presets)} or a JSON file")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config value (repeatable)")
+    parser.add_argument("--output", required=True, help="output root: a local path or s3://bucket/prefix")
+    args = parser.parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, presets, args.sets)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, args.output
+
+
+def write_resolved_config(output_uri: str, cfg: Any) -> None:
+    storage.write_json(storage.join(output_uri, CONFIG_FILE), config_tree.to_dict(cfg))
+
+
+def write_summary(output_uri: str, summary: dict[str, Any]) -> None:
+    """summary.json: what was read and written (row counts, paths), metrics, run id, wall time (s)."""
+    storage.write_json(storage.join(output_uri, SUMMARY_FILE), summary)
+
+
+class Stopwatch:
+    """Wall time in seconds since construction."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+def init_ray(num_cpus: int = 0) -> None:
+    """Join the cluster in RAY_ADDRESS (or the running one); else start a local Ray.
+
+    `num_cpus` > 0 declares that many logical CPUs for a local Ray (vLLM's small stages need more
+    slots than a 2-core machine has); it is ignored when joining an existing cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or num_cpus <= 0:
+        ray.init()
+    else:
+        ray.init(num_cpus=num_cpus)

@@ -1,0 +1,132 @@
+"""One place that turns URIs into pyarrow filesystems: local paths and `s3://bucket/prefix`.
+
+S3 endpoint, region and credentials come from the standard AWS environment variables
+(`AWS_ENDPOINT_URL` or `AWS_ENDPOINT_URL_S3`, `AWS_REGION` / `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`). The scheme follows the endpoint (`http://` for a local
+S3 server such as moto). Credentials are never logged or put into error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+def _s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict[str, Any] = {"region": region}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an `s3://bucket/prefix` URI."""
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME):].rstrip("/")
+        if not path or path.startswith("/"):
+            raise ValueError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/prefix")
+        return _s3_filesystem(), path
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme in {uri!r}; expected a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    """Inverse of `filesystem`: the URI of `path` on `fs`."""
+    return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: a reader sees the old object or the whole new one, never a part.
+
+    Local files go to a temporary name beside the target and are renamed; an S3 PUT is atomic.
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as stream:
+            stream.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as stream:
+        stream.write(data)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def list_files(uri: str, *, suffixes: tuple[str, ...] = ()) -> list[str]:
+    """URIs of the files under `uri` (recursive), sorted; only names ending in `suffixes` if given.
+
+    Hidden and temporary names (starting with `.` or `_`, or containing `.tmp-`) are skipped.
+    """
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    out = []
+    for info in infos:
+        name = info.base_name
+        if info.type != pafs.FileType.File or name.startswith((".", "_")) or ".tmp-" in name:
+            continue
+        if suffixes and not name.lower().endswith(suffixes):
+            continue
+        out.append(to_uri(fs, info.path))
+    return sorted(out)
+
+
+def delete(uri: str) -> None:
+    """Remove a file or a whole directory tree; nothing happens if it does not exist."""
+    fs, path = filesystem(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)

@@ -1,0 +1,223 @@
+"""Caption stage: pure functions against hand-computed cases, plus the template backend end to end on Ray
+(resume, exactly once, recaption only the changed granularity, ground-truth captions, the watchdog)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import caption
+from pipelines.caption import (Backend, CaptionConfig, PromptsConfig, Status, build_prompt, cut_repetition,
+                               parse_caption, prompt_hash, repeat_fraction)
+from tipsv2 import config_tree
+from tipsv2.data import schema
+
+
+# ---------------------------------------------------------------- prompts
+
+def test_build_prompt_with_image_part_and_alt_text():
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    messages = build_prompt("short", "  a red bus ", part)
+    assert messages == [{"role": "user", "content": [
+        part, {"type": "text", "text": PromptsConfig().short.text + ' The image\'s alt-text is: "a red bus".'}]}]
+
+
+def test_build_prompt_text_only_without_alt_text_uses_the_granularity_prompt():
+    prompts = PromptsConfig()
+    for g in schema.Granularity:
+        assert build_prompt(g, None, None) == [{"role": "user", "content": prompts.get(g).text}]
+        assert build_prompt(g, "   ", None) == [{"role": "user", "content": prompts.get(g).text}]
+
+
+# ---------------------------------------------------------------- parsing and the quality gate
+
+def test_cut_repetition_keeps_one_copy_of_a_looping_span():
+    assert cut_repetition("a cat on a mat on a mat on a mat on a mat".split()) == "a cat on a mat".split()
+    assert cut_repetition("red red red red".split()) == ["red"]
+    assert cut_repetition("a b a b".split()) == "a b a b".split()          # twice is not a loop
+    assert cut_repetition([]) == []
+
+
+def test_repeat_fraction_matches_a_plain_count():
+    words = "the cat and the cat and the dog".split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    repeats = sum(1 for i, g in enumerate(grams) if g in grams[:i])
+    assert repeat_fraction(words, 3) == pytest.approx(repeats / len(grams))
+    assert repeat_fraction(["one", "two"], 3) == 0.0
+
+
+@pytest.mark.parametrize("text, expected, reason", [
+    ('  "A dog runs on the beach."  ', "A dog runs on the beach.", None),
+    ("a  dog\nruns", "a dog runs", None),
+    ("", None, "empty"),
+    ("   ", None, "empty"),
+    ("dog", None, "too_short"),
+    (" ".join(["word"] + [f"w{i}" for i in range(30)]), None, "too_long"),
+    ("a dog a dog a dog a dog a dog barks", "a dog", None),   # loop cut first, then bounds
+])
+def test_parse_caption(text, expected, reason):
+    got = parse_caption(text, min_words=2, max_words=20)
+    assert got.text == expected
+    assert (got.rejected_reason or "").split(":")[0] == (reason or "")
+
+
+def test_parse_caption_rejects_repetitive_text_that_is_not_a_tight_loop():
+    text = "a red car and a red car with a red car and a blue sky"
+    assert parse_caption(text, min_words=1, max_words=50, max_repeat_fraction=0.2).rejected_reason.startswith(
+        "repetitive")
+    assert parse_caption(text, min_words=1, max_words=50, max_repeat_fraction=0.9).text == text
+
+
+# ---------------------------------------------------------------- provenance and planning
+
+def test_prompt_hash_changes_only_for_the_changed_granularity():
+    base = caption.default()
+    changed = config_tree.override(base, "prompts.medium.text=Say what you see.")
+    assert prompt_hash(base, "short") == prompt_hash(changed, "short")
+    assert prompt_hash(base, "long") == prompt_hash(changed, "long")
+    assert prompt_hash(base, "medium") != prompt_hash(changed, "medium")
+    hotter = config_tree.override(base, "sampling.temperature=0.9")
+    assert all(prompt_hash(base, g) != prompt_hash(hotter, g) for g in schema.Granularity)
+
+
+def test_plan_skips_done_retries_errors_and_redoes_changed_model():
+    cfg = caption.default()
+    ok = {g.value: caption.provenance(cfg, g, status=Status.OK) for g in schema.Granularity}
+    latest = {
+        "done": {"provenance": ok},
+        "failed": {"provenance": {**ok, "long": caption.provenance(cfg, "long", status=Status.ERROR)}},
+        "rejected": {"provenance": {**ok, "short": caption.provenance(cfg, "short", status=Status.REJECTED)}},
+    }
+    todo = caption.plan(cfg, ["done", "failed", "rejected", "new"], latest)
+    assert sorted(zip(todo["id"].to_pylist(), todo["granularity"].to_pylist())) == sorted(
+        [("failed", "long"), ("new", "short"), ("new", "medium"), ("new", "long")])
+    other_model = config_tree.override(cfg, "engine.model_source=other/model")
+    assert caption.plan(other_model, ["done"], latest).num_rows == 3
+
+
+def test_presets_and_cli_overrides():
+    assert caption.default().engine.accelerator_type and caption.default().engine.model_source
+    assert caption.tiny().engine.device == caption.Device.CPU
+    cfg, out = caption.cli.parse_stage_args(
+        ["--config", "tiny", "--set", "engine.batch_size=3", "--set", "granularities=short,long", "--output", "o"],
+        caption.PRESETS)
+    assert (cfg.engine.batch_size, cfg.granularities, out) == (3, (schema.Granularity.SHORT,
+                                                                    schema.Granularity.LONG), "o")
+    with pytest.raises(ValueError, match="valid keys"):
+        config_tree.override(cfg, "engine.batch=3")
+
+
+# ---------------------------------------------------------------- the watchdog
+
+def test_watchdog_fails_loudly_when_no_progress():
+    def slow():
+        yield 1
+        time.sleep(5)
+        yield 2
+
+    watchdog = caption.WatchdogConfig(startup_timeout_s=2.0, progress_timeout_s=0.3)
+    got = []
+    start = time.perf_counter()
+    with pytest.raises(caption.Stalled, match="no caption output for 0 s after 1 batches"):
+        for item in caption.watched(slow(), watchdog):
+            got.append(item)
+    assert got == [1] and time.perf_counter() - start < 2.0
+
+
+def test_watchdog_passes_errors_and_items_through():
+    def broken():
+        yield "a"
+        raise KeyError("engine died")
+
+    with pytest.raises(KeyError, match="engine died"):
+        list(caption.watched(broken(), caption.WatchdogConfig()))
+    assert list(caption.watched(iter(range(5)), caption.WatchdogConfig())) == list(range(5))
+
+
+# ---------------------------------------------------------------- template backend end to end
+
+def _images_table(path: Path, n: int) -> list[str]:
+    ids = [f"img{i:03d}" for i in range(n)]
+    table = pa.table({"id": ids, "image": [b"x"] * n, "format": ["PNG"] * n, "width": [10 + i for i in range(n)],
+                      "height": [20] * n, "alt_text": [f"thing number {i}" if i % 5 else None for i in range(n)],
+                      "source": [f"/src/{i}.png" for i in ids], "sha256": ids}).cast(schema.IMAGES)
+    (path / "images").mkdir(parents=True)
+    pq.write_table(table.slice(0, n // 2), path / "images" / "a.parquet")
+    pq.write_table(table.slice(n // 2), path / "images" / "b.parquet")
+    return ids
+
+
+def _captions(out: Path) -> list[dict]:
+    rows = pq.read_table(out / "captions").to_pylist()
+    for row in rows:
+        row["provenance"] = json.loads(row["provenance"])
+    return rows
+
+
+def test_template_backend_resumes_and_recaptions_only_the_changed_granularity(ray_local, tmp_path):
+    ids = _images_table(tmp_path / "in", 20)
+    out = tmp_path / "out"
+    cfg = dataclasses.replace(caption.template(), input=str(tmp_path / "in"), shard_rows=3)
+    first = caption.run(cfg, str(out))
+    rows = {r["id"]: r for r in _captions(out)}
+    assert sorted(rows) == ids and first["written"]["rows"] == 20
+    assert rows["img001"]["caption_short"] == "thing number 1"
+    assert rows["img001"]["caption_medium"] == "A 11 by 20 pixel photo: thing number 1."
+    # no alt-text: recorded as an error per granularity, the job goes on
+    assert rows["img000"]["caption_short"] is None and rows["img000"]["provenance"]["short"]["status"] == "error"
+    errors = pq.read_table(out / "errors").to_pylist()
+    assert sorted({e["id"] for e in errors}) == [i for i in ids if int(i[3:]) % 5 == 0]
+    assert len(errors) == 4 * 3 and all(e["stage"] == "caption" for e in errors)
+
+    again = caption.run(cfg, str(out))       # errors are retried, the rest is skipped
+    assert again["read"]["requests"] == 12 and again["read"]["already_captioned_ids"] == 16
+
+    changed = config_tree.override(cfg, "template.medium=Medium: {alt_text}")
+    third = caption.run(changed, str(out))
+    assert third["read"]["requests"] == 20 + 8    # every medium, plus short/long still failing
+    new = {r["id"]: r for r in _captions(out)}
+    assert len(_captions(out)) == 20 and len(list((out / "captions").glob("*.parquet"))) == 1
+    assert new["img001"]["caption_medium"] == "Medium: thing number 1"
+    assert new["img001"]["provenance"]["short"] == rows["img001"]["provenance"]["short"]
+    assert new["img001"]["provenance"]["medium"]["created_at"] > rows["img001"]["provenance"]["medium"]["created_at"]
+
+
+def test_template_backend_ground_truth_parquet(ray_local, tmp_path):
+    ids = _images_table(tmp_path / "in", 6)
+    truth = pa.table({"id": ids[:5], "caption_short": [f"short {i}" for i in ids[:5]],
+                      "caption_medium": [f"the medium caption of {i}" for i in ids[:5]],
+                      "caption_long": [f"the long caption of {i} goes on" for i in ids[:5]]})
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    cfg = config_tree.override(dataclasses.replace(caption.template(), input=str(tmp_path / "in")),
+                               f"template.captions_path={tmp_path / 'truth.parquet'}")
+    summary = caption.run(cfg, str(tmp_path / "out"))
+    rows = {r["id"]: r for r in _captions(tmp_path / "out")}
+    assert rows[ids[2]]["caption_long"] == f"the long caption of {ids[2]} goes on"
+    assert rows[ids[5]]["caption_short"] is None and "no caption_short" in \
+        rows[ids[5]]["provenance"]["short"]["detail"]
+    assert summary["written"]["rows_by_status"]["short"] == {"ok": 5, "error": 1}
+    assert rows[ids[0]]["provenance"]["short"]["model"] == str(tmp_path / "truth.parquet")
+
+
+def test_compaction_merges_generations_latest_wins(tmp_path):
+    cfg = dataclasses.replace(caption.template(), granularities=(schema.Granularity.SHORT,))
+    prov = {"short": caption.provenance(cfg, "short", status=Status.OK)}
+    caption.commit(str(tmp_path), caption._part_name(1, 0), [{"id": "a", "caption_short": "old a",
+                                                              "provenance": prov},
+                                                             {"id": "b", "caption_short": "b", "provenance": prov}],
+                   cfg.granularities)
+    caption.commit(str(tmp_path), caption._part_name(2, 0), [{"id": "a", "caption_short": "new a",
+                                                              "provenance": prov}], cfg.granularities)
+    result = caption.compact(str(tmp_path), ["a", "b"], cfg.granularities)
+    table = pq.read_table(io.BytesIO((tmp_path / "captions" / "part-000003-c00000.parquet").read_bytes()))
+    assert table.to_pydict()["caption_short"] == ["new a", "b"] and result["rows"] == 2
+    assert len(list((tmp_path / "captions").glob("*.parquet"))) == 1
+    with pytest.raises(RuntimeError, match="lacks 1 of 3 input ids"):
+        caption.compact(str(tmp_path), ["a", "b", "c"], cfg.granularities)

@@ -1,0 +1,317 @@
+"""Cluster configs (cluster/) against Ray's own validators, and the stages' resource requests
+(pipelines/resources.py) against the node types those configs offer. No cloud, no network."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import tomllib
+import zipfile
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from packaging.requirements import Requirement
+from ray._common.utils import resources_from_ray_options
+from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+from ray._private.runtime_env.packaging import create_package
+from ray.autoscaler._private.kuberay.autoscaling_config import _get_custom_resources
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.runtime_env import RuntimeEnv
+
+from pipelines.resources import (
+    ACCELERATOR_PREFIX,
+    H100,
+    L4,
+    RESOURCE_REQUESTS,
+    Stage,
+    fitting_node_types,
+    node_type_resources,
+    ray_remote_options,
+    workers_per_node,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+LAUNCHER_CONFIGS = {"aws": CLUSTER / "aws.yaml", "gcp": CLUSTER / "gcp.yaml"}
+RAYCLUSTER = CLUSTER / "kuberay" / "raycluster.yaml"
+RAYJOB = CLUSTER / "kuberay" / "rayjob.yaml"
+ALL_CONFIGS = {**LAUNCHER_CONFIGS, "kuberay": RAYCLUSTER, "kuberay_job": RAYJOB}
+HEAD_TYPES = {"head", "headgroup"}  # launcher YAMLs / Ray's name for the KubeRay head group
+WORKER_TYPES = {"cpu_worker", "caption_gpu", "train_gpu"}
+# What NVML reports on the GPUs the node types are sized for (nvidia-smi --query-gpu=name).
+NVML_NAMES = {"L4": "NVIDIA L4", "H100": "NVIDIA H100 80GB HBM3"}
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+SECRET_NAME = re.compile(r"(^|_)(SECRET|TOKEN|PASSWORD|CREDENTIALS?|ACCESS_KEY|API_KEY)(_|$)", re.IGNORECASE)
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def worker_types(config: str) -> dict[str, dict[str, float]]:
+    """Worker node types of a config, KubeRay group names spelt like the launcher's (`-` -> `_`)."""
+    types = node_type_resources(ALL_CONFIGS[config])
+    return {name.replace("-", "_"): res for name, res in types.items() if name not in HEAD_TYPES}
+
+
+# --- Ray cluster launcher YAMLs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("provider", sorted(LAUNCHER_CONFIGS))
+def test_launcher_config_passes_ray_validation(provider):
+    raw = load(LAUNCHER_CONFIGS[provider])
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(raw, schema)  # what the user wrote
+    prepared = prepare_config(copy.deepcopy(raw))  # what `ray up` makes of it, before the cloud calls
+    validate_config(prepared)
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+    assert prepared["max_workers"] == sum(t.get("max_workers", 0) for t in raw["available_node_types"].values())
+
+
+@pytest.mark.parametrize("provider", sorted(LAUNCHER_CONFIGS))
+def test_launcher_validation_rejects_a_broken_copy(provider):
+    # The validator above is live: a fractional node resource and an unknown key both fail it.
+    fractional = copy.deepcopy(load(LAUNCHER_CONFIGS[provider]))
+    fractional["available_node_types"]["caption_gpu"]["resources"]["GPU"] = 0.5
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(fractional))
+    misspelt = copy.deepcopy(load(LAUNCHER_CONFIGS[provider]))
+    misspelt["available_node_types"]["train_gpu"]["max_worker"] = 4
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(misspelt))
+
+
+@pytest.mark.parametrize("provider", sorted(LAUNCHER_CONFIGS))
+def test_launcher_head_runs_no_tasks_and_workers_start_from_zero(provider):
+    config = load(LAUNCHER_CONFIGS[provider])
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert set(types) - {config["head_node_type"]} == WORKER_TYPES
+    for name in WORKER_TYPES:
+        assert types[name]["min_workers"] == 0, name
+        assert types[name]["max_workers"] > 0, name
+
+
+@pytest.mark.parametrize("provider", sorted(LAUNCHER_CONFIGS))
+def test_launcher_setup_installs_this_project_with_an_extra_it_defines(provider):
+    config = load(LAUNCHER_CONFIGS[provider])
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (remote_dir,) = [remote for remote, local in config["file_mounts"].items() if local == "."]
+    (install,) = [cmd for cmd in config["setup_commands"] if "pip install" in cmd]
+    assert f"cd {remote_dir} " in install
+    extra = re.search(r"-e '\.\[(\w[\w-]*)\]'", install).group(1)
+    assert extra in pyproject["project"]["optional-dependencies"]
+    constraints = re.search(r"--constraint (\S+)", install).group(1)
+    assert (ROOT / constraints).is_file()
+
+
+def test_images_and_versions_match_the_installed_ray():
+    python = "py311"
+    image = f"rayproject/ray:{ray.__version__}-{python}-gpu"
+    for provider, path in LAUNCHER_CONFIGS.items():
+        assert load(path)["docker"]["image"] == image, provider
+    for path in (RAYCLUSTER, RAYJOB):
+        manifest = load(path)
+        spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+        assert spec["rayVersion"] == ray.__version__
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        assert {c["image"] for g in groups for c in g["template"]["spec"]["containers"]} == {image}
+
+
+# --- KubeRay manifests ---------------------------------------------------------------------------
+
+
+def check_cluster_spec(spec: dict) -> None:
+    """The RayCluster fields KubeRay requires, and the ones this project relies on."""
+    head = spec["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert spec["enableInTreeAutoscaling"] is True
+    for group in [head, *spec["workerGroupSpecs"]]:
+        # KubeRay's rayStartParams is map[string]string: an unquoted number fails `kubectl apply`.
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+    for group in spec["workerGroupSpecs"]:
+        name = group["groupName"]
+        assert DNS_1123_LABEL.match(name), f"groupName {name!r} is not a DNS-1123 label"
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], name
+        container = group["template"]["spec"]["containers"][0]
+        limits = container["resources"]["limits"]
+        assert limits == container["resources"]["requests"], name  # Guaranteed QoS: never evicted first
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        custom = _get_custom_resources({}, group["rayStartParams"], name)  # Ray's parser of the quoting
+        accelerators = [key for key in custom if key.startswith(ACCELERATOR_PREFIX)]
+        assert bool(gpus) == bool(accelerators), f"{name}: a GPU group declares its accelerator type"
+
+
+def test_raycluster_has_what_kuberay_requires():
+    manifest = load(RAYCLUSTER)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["kind"] == "RayCluster"
+    assert manifest["metadata"]["name"]
+    check_cluster_spec(manifest["spec"])
+
+
+def test_rayjob_has_what_kuberay_requires_and_embeds_the_raycluster():
+    job = load(RAYJOB)
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["kind"] == "RayJob"
+    check_cluster_spec(job["spec"]["rayClusterSpec"])
+    assert job["spec"]["rayClusterSpec"] == load(RAYCLUSTER)["spec"], "rayjob.yaml drifted from raycluster.yaml"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "pipelines.run_all"]
+    assert "--config" in argv and "--output" in argv
+
+
+def test_rayjob_entrypoint_module_exists():
+    module = shlex.split(load(RAYJOB)["spec"]["entrypoint"])[2]
+    path = ROOT / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        pytest.skip(f"{module} is not written yet ({path})")
+    assert path.is_file()
+
+
+def test_rayjob_runtime_env_is_valid_and_pins_what_the_project_pins():
+    runtime_env = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])
+    RuntimeEnv(**runtime_env)  # Ray's own field validation
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {Requirement(r).name for r in project["dependencies"] + project["optional-dependencies"]["vllm"]}
+    wanted.discard("ray")  # in the image
+    pins = {}
+    for line in (ROOT / "requirements/constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            pins[requirement.name] = str(requirement.specifier)
+    listed = {Requirement(r).name: str(Requirement(r).specifier) for r in runtime_env["pip"]}
+    assert set(listed) == wanted, f"missing {wanted - set(listed)}, extra {set(listed) - wanted}"
+    for name, specifier in listed.items():
+        if name in pins:
+            assert specifier == pins[name], f"{name}: runtime env says {specifier!r}, constraints {pins[name]!r}"
+
+
+# --- runtime_env for `ray job submit` ------------------------------------------------------------
+
+
+def package(root: Path, tmp_path: Path) -> list[str]:
+    """File names in the zip Ray would upload for working_dir=root, by our excludes alone."""
+    runtime_env = load(CLUSTER / "runtime_env.yaml")
+    zip_path = tmp_path / "working_dir.zip"
+    create_package(str(root), zip_path, include_gitignore=False, excludes=runtime_env["excludes"])
+    return zipfile.ZipFile(zip_path).namelist()
+
+
+def test_runtime_env_is_valid_without_credentials():
+    runtime_env = load(CLUSTER / "runtime_env.yaml")
+    RuntimeEnv(**runtime_env)
+    assert runtime_env["working_dir"] == "."
+    rayjob_env = yaml.safe_load(load(RAYJOB)["spec"]["runtimeEnvYAML"])
+    for env in (runtime_env, rayjob_env):
+        assert not [k for k in env.get("env_vars", {}) if SECRET_NAME.search(k)], env["env_vars"]
+    assert SECRET_NAME.search("AWS_SECRET_ACCESS_KEY") and SECRET_NAME.search("HF_TOKEN")
+    assert not SECRET_NAME.search("TOKENIZERS_PARALLELISM")
+
+
+def test_runtime_env_excludes_leave_out_environments_and_outputs(tmp_path):
+    tree = tmp_path / "repo"
+    keep = ["pyproject.toml", "pipelines/run_all.py", "tipsv2/outputs_format.py", "tipsv2/data/outputs/readme.md"]
+    drop = [".venv/bin/python", ".git/HEAD", "outputs/demo/checkpoints/step_1.bin", "mlruns/0/meta.yaml",
+            "tipsv2/__pycache__/vision.cpython-311.pyc", "tipsv2.egg-info/PKG-INFO", ".pytest_cache/README.md"]
+    for name in keep + drop:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text("x")
+    assert sorted(package(tree, tmp_path)) == sorted(keep)
+
+
+def test_runtime_env_package_of_this_repository_is_small(tmp_path):
+    names = package(ROOT, tmp_path)
+    assert "pyproject.toml" in names and "pipelines/resources.py" in names
+    assert not [n for n in names if n.startswith((".venv/", ".git/", "outputs/"))]
+    size_mib = (tmp_path / "working_dir.zip").stat().st_size / 2**20
+    assert size_mib < 50, f"working_dir package is {size_mib:.1f} MiB; add the bulk to excludes"
+
+
+# --- node types and resource requests ------------------------------------------------------------
+
+
+def test_node_types_agree_across_providers():
+    reference = worker_types("aws")
+    assert set(reference) == WORKER_TYPES
+    for config in ("gcp", "kuberay", "kuberay_job"):
+        types = worker_types(config)
+        assert set(types) == WORKER_TYPES, config
+        for name in WORKER_TYPES:
+            for resource in ("GPU", L4, H100):
+                assert types[name].get(resource) == reference[name].get(resource), (config, name, resource)
+
+
+@pytest.mark.parametrize("config", sorted(ALL_CONFIGS))
+def test_declared_accelerator_types_are_what_ray_detects_on_those_gpus(config):
+    for name, resources in node_type_resources(ALL_CONFIGS[config]).items():
+        for resource, amount in resources.items():
+            if resource.startswith(ACCELERATOR_PREFIX):
+                accelerator = resource.removeprefix(ACCELERATOR_PREFIX)
+                assert amount == 1, (name, resource)
+                detected = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(NVML_NAMES[accelerator])
+                assert detected == accelerator, (name, resource)
+
+
+@pytest.mark.parametrize("config", sorted(ALL_CONFIGS))
+@pytest.mark.parametrize("stage", list(Stage))
+def test_every_stage_request_fits_a_worker_node_type(stage, config):
+    request = RESOURCE_REQUESTS[stage]
+    types = node_type_resources(ALL_CONFIGS[config])
+    fits = fitting_node_types(request, types)
+    assert fits, f"{stage} asks for {dict(request)}; {config} offers {types}"
+    assert not set(fits) & HEAD_TYPES, f"{stage} would fit the head, which must run nothing"
+    for name in fits:
+        if request.get("GPU"):
+            # The CPU (or any other) request must not strand GPUs: as many workers as GPUs fit.
+            assert workers_per_node(request, types[name]) == types[name]["GPU"] // request["GPU"], (stage, name)
+
+
+def test_gpu_stages_land_only_on_their_accelerator():
+    types = worker_types("aws")
+    everywhere = ["cpu_worker", "caption_gpu", "train_gpu"]
+    assert fitting_node_types(RESOURCE_REQUESTS[Stage.INGEST], types) == everywhere
+    assert fitting_node_types(RESOURCE_REQUESTS[Stage.CAPTION], types) == ["caption_gpu"]
+    assert fitting_node_types(RESOURCE_REQUESTS[Stage.EVALUATE], types) == ["caption_gpu"]
+    assert fitting_node_types(RESOURCE_REQUESTS[Stage.PRETRAIN], types) == ["train_gpu"]
+    assert fitting_node_types(RESOURCE_REQUESTS[Stage.DISTILL], types) == ["train_gpu"]
+
+
+def test_workers_per_node_hand_computed():
+    train = {"CPU": 8, "GPU": 1, H100: 0.001}
+    assert workers_per_node(train, {"CPU": 192, "GPU": 8, H100: 1}) == 8  # GPU-bound
+    assert workers_per_node(train, {"CPU": 60, "GPU": 8, H100: 1}) == 7  # CPU-bound: 60 // 8
+    assert workers_per_node(train, {"CPU": 48, "GPU": 4, L4: 1}) == 0  # no H100 on the node
+    assert workers_per_node({"CPU": 1, L4: 0.001}, {"CPU": 5000, L4: 1}) == 1000  # 1 / 0.001, no float loss
+    assert workers_per_node({"CPU": 0.5}, {"CPU": 3}) == 6
+    assert workers_per_node({"CPU": 0.1}, {"CPU": 0.3}) == 3  # 0.3 / 0.1 is 2.999... in floats
+    nodes = {"a": {"CPU": 7, "GPU": 8, H100: 1}, "b": {"CPU": 8, "GPU": 1, H100: 1}}
+    assert fitting_node_types(train, nodes) == ["b"]
+    with pytest.raises(ValueError, match="asks for nothing"):
+        workers_per_node({"CPU": 0}, {"CPU": 4})
+    with pytest.raises(ValueError, match="negative"):
+        workers_per_node({"CPU": -1}, {"CPU": 4})
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_ray_remote_options_round_trip_through_ray(stage):
+    request = dict(RESOURCE_REQUESTS[stage])
+    assert resources_from_ray_options(ray_remote_options(request)) == request
+
+
+def test_node_type_resources_refuses_what_is_not_a_cluster(tmp_path):
+    service = tmp_path / "service.yaml"
+    service.write_text("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n")
+    with pytest.raises(ValueError, match="kind 'Service' is not a cluster"):
+        node_type_resources(service)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("cluster_name: x\n")
+    with pytest.raises(ValueError, match="available_node_types"):
+        node_type_resources(empty)

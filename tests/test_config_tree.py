@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import pytest
+
+from tipsv2 import config_tree
+from tipsv2.models import ModelConfig, model_config
+
+
+class Kind(enum.Enum):
+    A = "a"
+    B = "b"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inner:
+    rate: float = 0.1
+    sizes: tuple[int, ...] = (1, 2)
+    kind: Kind = Kind.A
+    name: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outer:
+    steps: int = 10
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_override_parses_types():
+    cfg = Outer()
+    cfg = config_tree.override(cfg, "inner.rate=1e-3")
+    cfg = config_tree.override(cfg, "inner.sizes=3,4,5")
+    cfg = config_tree.override(cfg, "inner.kind=B")
+    cfg = config_tree.override(cfg, "flag=true")
+    cfg = config_tree.override(cfg, "steps=20")
+    cfg = config_tree.override(cfg, "inner.name=x")
+    assert cfg == Outer(steps=20, flag=True, inner=Inner(rate=1e-3, sizes=(3, 4, 5), kind=Kind.B, name="x"))
+    assert config_tree.override(cfg, "inner.name=none").inner.name is None
+
+
+def test_unknown_keys_fail_with_valid_list():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['inner.rat'\]; valid keys here: "
+                                         r"\['inner.kind', 'inner.name', 'inner.rate', 'inner.sizes'\]"):
+        config_tree.override(Outer(), "inner.rat=1")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['bogus'\]"):
+        config_tree.from_dict(Outer, {"bogus": 1})
+
+
+def test_bad_values_name_key_and_value():
+    with pytest.raises(ValueError, match=r"'steps': cannot use '1.5'"):
+        config_tree.override(Outer(), "steps=1.5")
+    with pytest.raises(ValueError, match=r"'inner.kind'.*expected one of \['a', 'b'\]"):
+        config_tree.override(Outer(), "inner.kind=c")
+    with pytest.raises(ValueError, match=r"'flag'.*expected true or false"):
+        config_tree.override(Outer(), "flag=maybe")
+    with pytest.raises(ValueError, match="key.path=value"):
+        config_tree.override(Outer(), "steps")
+
+
+def test_round_trip_through_dict():
+    cfg = model_config("vit_g14")
+    assert config_tree.from_dict(ModelConfig, config_tree.to_dict(cfg)) == cfg
+    assert "vision.width" in config_tree.leaf_keys(cfg)
+
+
+def test_model_config_validation():
+    with pytest.raises(ValueError, match="unknown model preset 'vit_x'"):
+        model_config("vit_x")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        model_config("tiny", image_size=100)

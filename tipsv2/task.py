@@ -1,0 +1,259 @@
+"""TIPSv2Task: student + heads + teacher (head-only or full EMA) + losses -> a named loss dict.
+
+This module is what a distributed engine wraps (DeepSpeed sees one nn.Module). It holds no collective
+and no engine state: cross-rank gathers and reductions are injected at construction (identity on one
+process), and parameter gathering for the EMA under ZeRO-3 is injected into `update_teacher`.
+
+One step, in phases:
+    teacher = task.teacher_output(batch=batch, step=step)        # no gradient
+    student = task.student_output(batch=batch)
+    losses  = task.compute_losses(teacher=teacher, student=student, batch=batch, step=step)
+    (optimiser step on losses["loss/total"])
+    task.update_teacher(step=step, total_steps=total)             # EMA, after the optimiser step
+`forward(batch, step)` runs the first three and updates the centers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from tipsv2.data.batch import Batch
+from tipsv2.losses.contrastive import ContrastiveKind, ContrastiveLossConfig, dual_contrastive, identity
+from tipsv2.losses.dino import (Centering, ClsToken, DinoLossConfig, center_norm, centered_teacher_probs,
+                                dino_loss, sinkhorn_knopp, teacher_entropy, teacher_temperature, update_center)
+from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind, patch_loss
+from tipsv2.losses.koleo import KoLeoConfig, koleo_loss
+from tipsv2.models.config import ModelConfig
+from tipsv2.models.heads import DinoHead, DinoHeadConfig
+from tipsv2.models.model import TIPSModel
+from tipsv2.models.vision import ImageFeatures
+
+Gather = Callable[[Tensor], Tensor]
+Reduce = Callable[[Tensor], Tensor]
+Gathered = Callable[[list[nn.Parameter]], ContextManager]
+
+
+class TeacherMode(str, enum.Enum):
+    HEAD_ONLY_EMA = "head_only_ema"  # TIPSv2: teacher encoder = student encoder without gradient; EMA heads
+    FULL_EMA = "full_ema"            # TIPS / DINO: EMA copies of encoder and heads
+
+
+class MomentumSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"                # from `momentum` at step 0 to `momentum_final` at the last step
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    mode: TeacherMode = TeacherMode.HEAD_ONLY_EMA
+    momentum: float = 0.994          # EMA momentum at step 0 (DINOv2)
+    momentum_final: float = 1.0
+    schedule: MomentumSchedule = MomentumSchedule.COSINE
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.momentum <= self.momentum_final <= 1.0:
+            raise ValueError(f"teacher momentum must satisfy 0 <= momentum <= momentum_final <= 1, got "
+                             f"{self.momentum} and {self.momentum_final}")
+
+
+class ContrastiveView(str, enum.Enum):
+    MASKED = "masked"  # CLS tokens of the student's masked global crop (one student pass, DINOv2-like)
+    CLEAN = "clean"    # an extra student pass on the clean global crop
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
+    contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
+    contrastive_view: ContrastiveView = ContrastiveView.MASKED
+    dino: DinoLossConfig = field(default_factory=DinoLossConfig)
+    patch: PatchLossConfig = field(default_factory=PatchLossConfig)
+    koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class TeacherOut:
+    dino_logits: Tensor    # (B, K) on the clean global crop's CLS
+    dino_probs: Tensor     # (B, K) centred and sharpened
+    patch_logits: Tensor   # (B, N, K)
+    patch_probs: Tensor    # (B, N, K)
+
+
+@dataclass
+class StudentOut:
+    cls1: Tensor           # (B, D) for CLS1 <-> alt-text
+    cls2: Tensor           # (B, D) for CLS2 <-> synthetic caption
+    alt_text: Tensor       # (B, D)
+    synthetic_text: Tensor  # (B, D)
+    local_logits: Tensor   # (M, B, K) DINO head on the local crops' CLS
+    patch_logits: Tensor   # (B, N, K) patch head on the masked global crop
+
+
+def ema_momentum(step: int, total_steps: int, cfg: TeacherConfig) -> float:
+    if cfg.schedule == MomentumSchedule.CONSTANT or total_steps <= 1:
+        return cfg.momentum
+    progress = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return cfg.momentum_final - (cfg.momentum_final - cfg.momentum) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher: Iterable[nn.Parameter], student: Iterable[nn.Parameter], momentum: float) -> None:
+    for t, s in zip(teacher, student, strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    clone = copy.deepcopy(module)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone
+
+
+def pick_cls(feats: ImageFeatures, which: ClsToken) -> Tensor:
+    return feats.cls1 if which == ClsToken.CLS1 else feats.cls2
+
+
+class TIPSv2Task(nn.Module):
+    def __init__(self, cfg: TaskConfig, *, gather: Gather = identity, reduce_mean: Reduce = identity,
+                 reduce_sum: Reduce = identity, rank: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gather, self.reduce_mean, self.reduce_sum, self.rank = gather, reduce_mean, reduce_sum, rank
+        self.model = TIPSModel(cfg.model)
+        width = cfg.model.vision.width
+        self.dino_head = DinoHead(width, cfg.head)
+        self.patch_head = self.dino_head if cfg.patch.share_head else DinoHead(width, cfg.head)
+        if cfg.contrastive.kind == ContrastiveKind.SIGMOID:
+            self.sigmoid_bias = nn.Parameter(torch.tensor(cfg.contrastive.sigmoid_bias_init))
+        # Teacher state: never in the optimiser (requires_grad False), updated by EMA.
+        self.teacher_dino_head = frozen_copy(self.dino_head)
+        self.teacher_patch_head = self.teacher_dino_head if cfg.patch.share_head else frozen_copy(self.patch_head)
+        # Full EMA copies the image encoder only: the teacher never sees text.
+        self.teacher_vision = frozen_copy(self.model.vision) if cfg.teacher.mode == TeacherMode.FULL_EMA else None
+        self.register_buffer("dino_center", torch.zeros(cfg.head.prototypes))
+        self.register_buffer("patch_center", torch.zeros(cfg.head.prototypes))
+
+    # -- phases ------------------------------------------------------------------------------------
+    def teacher_encoder(self) -> nn.Module:
+        """The EMA image encoder (full EMA) or the student's own (head-only EMA, run without gradient)."""
+        return self.teacher_vision if self.teacher_vision is not None else self.model.vision
+
+    def targets(self, logits: Tensor, center: Tensor, temp: float, centering: Centering) -> Tensor:
+        if centering == Centering.SINKHORN_KNOPP:
+            return sinkhorn_knopp(logits, temp, reduce_sum=self.reduce_sum)
+        return centered_teacher_probs(logits, center, temp)
+
+    @torch.no_grad()
+    def teacher_output(self, *, batch: Batch, step: int) -> TeacherOut:
+        feats = self.teacher_encoder()(batch.global_crop)                       # the clean crop
+        dino_logits = self.teacher_dino_head(pick_cls(feats, self.cfg.dino.cls))  # (B, K)
+        patch_logits = self.teacher_patch_head(feats.patches)                    # (B, N, K)
+        dino_probs = self.targets(dino_logits, self.dino_center, teacher_temperature(step, self.cfg.dino),
+                                  self.cfg.dino.centering)
+        patch_probs = self.targets(patch_logits, self.patch_center, teacher_temperature(step, self.cfg.patch),
+                                   self.cfg.patch.centering)
+        return TeacherOut(dino_logits=dino_logits, dino_probs=dino_probs, patch_logits=patch_logits,
+                          patch_probs=patch_probs)
+
+    def student_output(self, *, batch: Batch) -> StudentOut:
+        masked = self.model.encode_image(batch.global_crop, batch.masks)
+        clip = masked if self.cfg.contrastive_view == ContrastiveView.MASKED else self.model.encode_image(batch.global_crop)
+        b, m = batch.local_crops.shape[:2]
+        local = self.model.encode_image(batch.local_crops.flatten(0, 1))        # (B*M, ...)
+        local_logits = self.dino_head(pick_cls(local, self.cfg.dino.cls))       # (B*M, K)
+        return StudentOut(
+            cls1=clip.cls1, cls2=clip.cls2,
+            alt_text=self.model.encode_text(batch.alt_ids, batch.alt_paddings),
+            synthetic_text=self.model.encode_text(batch.syn_ids, batch.syn_paddings),
+            local_logits=local_logits.reshape(b, m, -1).transpose(0, 1),       # (M, B, K)
+            patch_logits=self.patch_head(masked.patches),
+        )
+
+    def compute_losses(self, *, teacher: TeacherOut, student: StudentOut, batch: Batch, step: int) -> dict[str, Tensor]:
+        cfg = self.cfg
+        temperature = self.model.temperature
+        # CLS1 <-> alt-text and CLS2 <-> sampled synthetic caption, averaged (dual embedding).
+        losses = dual_contrastive(cls1=student.cls1, alt_text=student.alt_text, cls2=student.cls2,
+                                  synthetic_text=student.synthetic_text, cfg=cfg.contrastive,
+                                  temperature=temperature, bias=getattr(self, "sigmoid_bias", None),
+                                  gather=self.gather, rank=self.rank)
+        # DINO: the teacher's clean global crop against each of the student's local crops.
+        losses["loss/dino"] = dino_loss(student.local_logits, teacher.dino_probs, cfg.dino.student_temp)
+        # iBOT++ (or iBOT): patch tokens of the masked student crop against the teacher at each position.
+        losses["loss/patch"] = patch_loss(student.patch_logits, teacher.patch_probs, batch.masks,
+                                          kind=cfg.patch.kind, student_temp=cfg.patch.student_temp)
+        total = (cfg.contrastive.weight * losses["loss/contrastive"] + cfg.dino.weight * losses["loss/dino"]
+                 + cfg.patch.weight * losses["loss/patch"])
+        if cfg.koleo.weight > 0:
+            # KoLeo spreads the student's CLS embeddings within the local batch.
+            losses["loss/koleo"] = koleo_loss(pick_cls_tensor(student, cfg.dino.cls))
+            total = total + cfg.koleo.weight * losses["loss/koleo"]
+        losses["loss/total"] = total
+        losses |= self.metrics(teacher=teacher, batch=batch, temperature=temperature)
+        return losses
+
+    @torch.no_grad()
+    def metrics(self, *, teacher: TeacherOut, batch: Batch, temperature: Tensor) -> dict[str, Tensor]:
+        return {"metric/temperature": temperature.detach(),
+                "metric/teacher_entropy": teacher_entropy(teacher.dino_probs),
+                "metric/teacher_patch_entropy": teacher_entropy(teacher.patch_probs),
+                "metric/center_norm": center_norm(self.dino_center),
+                "metric/fraction_masked": batch.masks.float().mean()}
+
+    @torch.no_grad()
+    def update_centers(self, teacher: TeacherOut) -> None:
+        if self.cfg.dino.centering == Centering.CENTER:
+            self.dino_center.copy_(update_center(self.dino_center, teacher.dino_logits,
+                                                 self.cfg.dino.center_momentum, self.reduce_mean))
+        if self.cfg.patch.centering == Centering.CENTER:
+            self.patch_center.copy_(update_center(self.patch_center, teacher.patch_logits,
+                                                  self.cfg.patch.center_momentum, self.reduce_mean))
+
+    def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
+        teacher = self.teacher_output(batch=batch, step=step)
+        student = self.student_output(batch=batch)
+        losses = self.compute_losses(teacher=teacher, student=student, batch=batch, step=step)
+        self.update_centers(teacher)
+        return losses
+
+    # -- after the optimiser step --------------------------------------------------------------------
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        pairs = [(self.teacher_dino_head, self.dino_head)]
+        if not self.cfg.patch.share_head:
+            pairs.append((self.teacher_patch_head, self.patch_head))
+        if self.teacher_vision is not None:
+            pairs.append((self.teacher_vision, self.model.vision))
+        return pairs
+
+    @torch.no_grad()
+    def update_teacher(self, *, step: int, total_steps: int,
+                       gathered: Gathered = lambda params: contextlib.nullcontext()) -> float:
+        """EMA of the teacher heads (and encoder under FULL_EMA); returns the momentum used.
+
+        `gathered(params)` is a context that makes partitioned parameters whole (DeepSpeed ZeRO-3's
+        GatheredParameters with modifier rank 0); a no-op on one process.
+        """
+        momentum = ema_momentum(step, total_steps, self.cfg.teacher)
+        for teacher, student in self.ema_pairs():
+            t_params, s_params = list(teacher.parameters()), list(student.parameters())
+            with gathered(t_params + s_params):
+                ema_update(t_params, s_params, momentum)
+        return momentum
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def pick_cls_tensor(student: StudentOut, which: ClsToken) -> Tensor:
+    return student.cls1 if which == ClsToken.CLS1 else student.cls2
