@@ -1,0 +1,168 @@
+"""MLflow tracking behind one sink: rank 0 logs, everyone else (and tests that want silence) gets a no-op.
+
+    sink = open_sink(cfg.tracking, output_root="outputs/run", rank=rank, run_id=resumed_run_id)
+    sink.log_params(config_tree.to_dict(cfg)); sink.log_metrics({"loss/total": 1.2}, step=0); sink.close()
+
+- Tracking URI: the config's, else MLFLOW_TRACKING_URI, else a sqlite file under a local output root
+  (`<output>/mlflow.db`, artifacts in `<output>/mlartifacts`).
+- A run is reattached by id on resume (the trainer stores the id in its checkpoints).
+- If the server is unreachable, metrics are buffered in memory and appended to
+  `<output>/metrics_offline.jsonl`; they are sent when a later call succeeds. Tracking never crashes
+  training.
+- Credentials never reach MLflow: params and tags whose key or value looks like a secret are redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|auth)", re.I)
+SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@)")
+REDACTED = "***"
+
+
+class MetricsSink(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullSink:
+    """Does nothing: ranks other than 0, and runs with tracking turned off."""
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; secrets redacted by key name or value shape."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, name + ".")
+            continue
+        text = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+        flat[name] = REDACTED if SECRET_KEY.search(name) or SECRET_VALUE.search(text) else text[:6000]
+    return flat
+
+
+def default_uri(output_root: str | None) -> str:
+    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        return env
+    root = output_root if output_root and "://" not in output_root else str(Path.home() / ".tipsv2")
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+class MlflowSink:
+    """Logs to one MLflow run through MlflowClient; buffers and spills to disk when the server is down."""
+
+    def __init__(self, *, uri: str, experiment: str, run_name: str | None = None, run_id: str | None = None,
+                 parent_run_id: str | None = None, offline_dir: str | None = None) -> None:
+        # Fail fast instead of MLflow's default minutes of retries when the server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.offline = Path(offline_dir) / "metrics_offline.jsonl" if offline_dir else None
+        self.pending: list[tuple[dict[str, float], int, int]] = []
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            experiment_id = self._experiment(experiment, offline_dir)
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def _experiment(self, name: str, output_root: str | None) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:") and output_root and "://" not in output_root:
+            location = (Path(output_root).resolve() / "mlartifacts").as_uri()
+        return self.client.create_experiment(name, artifact_location=location)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        self._safely(lambda: [self.client.log_batch(self.run_id, params=items[i:i + 100])
+                              for i in range(0, len(items), 100)], what="params")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.pending.append(({k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
+        if self._safely(self._flush, what="metrics"):
+            return
+        if self.offline is not None:  # keep a durable copy of what could not be sent
+            self.offline.parent.mkdir(parents=True, exist_ok=True)
+            with self.offline.open("a") as f:
+                f.write(json.dumps({"step": step, "metrics": self.pending[-1][0]}) + "\n")
+
+    def _flush(self) -> None:
+        from mlflow.entities import Metric
+        while self.pending:
+            values, step, stamp = self.pending[0]
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])
+            self.pending.pop(0)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._safely(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), what="artifact")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        safe = flatten(tags)
+        self._safely(lambda: [self.client.set_tag(self.run_id, k, v) for k, v in safe.items()], what="tags")
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._safely(self._flush, what="metrics")
+        self._safely(lambda: self.client.set_terminated(self.run_id, status=status), what="run status")
+
+    def _safely(self, action, *, what: str) -> bool:
+        try:
+            action()
+            return True
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            log.warning("MLflow %s not logged to %s (%s: %s); training goes on", what, _redact_uri(self.uri),
+                        type(err).__name__, str(err)[:200])
+            return False
+
+
+def _redact_uri(uri: str) -> str:
+    return re.sub(r"://[^/@]+@", "://" + REDACTED + "@", uri)
+
+
+def open_sink(cfg, *, output_root: str | None, rank: int = 0, run_id: str | None = None,
+              parent_run_id: str | None = None) -> MetricsSink:
+    """The sink for this process: MLflow on rank 0, NullSink elsewhere."""
+    if rank != 0:
+        return NullSink()
+    offline = output_root if output_root and "://" not in output_root else None
+    return MlflowSink(uri=cfg.uri or default_uri(output_root), experiment=cfg.experiment, run_name=cfg.run_name,
+                      run_id=run_id, parent_run_id=parent_run_id, offline_dir=offline)

@@ -1,0 +1,194 @@
+"""TIPSv2Task and DistillTask in one process: phases, teacher handling, EMA, optimiser groups."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tipsv2.configs import tiny
+from tipsv2.data.batch import Batch
+from tipsv2.distill import DistillTask, DistillTaskConfig, TeacherHeads
+from tipsv2.info import report
+from tipsv2.models import build_model
+from tipsv2.optim import OptimConfig, learning_rate, param_groups
+from tipsv2.task import MomentumSchedule, TeacherConfig, TeacherMode, TIPSv2Task, ema_momentum
+
+
+def make_batch(b: int = 4, *, size: int = 56, local: int = 28, m: int = 2, length: int = 6, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    n = (size // 14) ** 2
+    ids = torch.randint(2, 200, (b, length), generator=g)
+    pads = torch.zeros(b, length)
+    pads[:, length - 2:] = 1
+    ids[:, length - 2:] = 0
+    return Batch(ids=[f"x{i}" for i in range(b)], global_crop=torch.rand(b, 3, size, size, generator=g),
+                 local_crops=torch.rand(b, m, 3, local, local, generator=g),
+                 masks=torch.rand(b, n, generator=g) < 0.75, alt_ids=ids, alt_paddings=pads,
+                 syn_ids=ids.flip(0), syn_paddings=pads, granularity=torch.zeros(b, dtype=torch.long))
+
+
+def tiny_task_cfg(mode: TeacherMode = TeacherMode.HEAD_ONLY_EMA):
+    cfg = tiny().task
+    return replace(cfg, teacher=replace(cfg.teacher, mode=mode, momentum=0.9, schedule=MomentumSchedule.CONSTANT))
+
+
+@pytest.fixture
+def task():
+    torch.manual_seed(0)
+    return TIPSv2Task(tiny_task_cfg())
+
+
+def test_named_losses_and_metrics(task):
+    losses = task(make_batch(), step=0)
+    for key in ("loss/clip_alt", "loss/clip_syn", "loss/contrastive", "loss/dino", "loss/patch", "loss/total",
+                "metric/temperature", "metric/teacher_entropy", "metric/center_norm", "metric/fraction_masked"):
+        assert key in losses and torch.isfinite(losses[key]), key
+    expected = losses["loss/contrastive"] + 1.0 * losses["loss/dino"] + 2.0 * losses["loss/patch"]
+    torch.testing.assert_close(losses["loss/total"], expected)
+
+
+def test_no_gradient_reaches_teacher(task):
+    task(make_batch(), step=0)["loss/total"].backward()
+    assert all(not p.requires_grad and p.grad is None for p in task.teacher_dino_head.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in task.teacher_patch_head.parameters())
+    teacher = task.teacher_output(batch=make_batch(), step=0)
+    assert not teacher.dino_probs.requires_grad and not teacher.patch_probs.requires_grad
+    assert task.dino_head.mlp[0].weight.grad is not None and task.model.vision.mask_token.grad is not None
+
+
+def test_head_only_ema_teacher_encoder_is_the_student(task):
+    assert task.teacher_vision is None and task.teacher_encoder() is task.model.vision
+    assert {id(p) for p in task.parameters() if not p.requires_grad} == \
+        {id(p) for p in list(task.teacher_dino_head.parameters()) + list(task.teacher_patch_head.parameters())}
+    # The teacher's features equal a no-grad pass of the student encoder on the clean crop.
+    batch = make_batch()
+    task.eval()
+    teacher = task.teacher_output(batch=batch, step=0)
+    with torch.no_grad():
+        feats = task.model.encode_image(batch.global_crop)
+        torch.testing.assert_close(teacher.dino_logits, task.teacher_dino_head(feats.cls1))
+
+
+def test_full_ema_keeps_a_vision_copy_only():
+    task = TIPSv2Task(tiny_task_cfg(TeacherMode.FULL_EMA))
+    assert task.teacher_vision is not task.model.vision
+    assert all(not p.requires_grad for p in task.teacher_vision.parameters())
+    with torch.no_grad():
+        for p in task.model.vision.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in task.teacher_vision.parameters()]
+    task.update_teacher(step=0, total_steps=10)
+    for b, t, s in zip(before, task.teacher_vision.parameters(), task.model.vision.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+
+
+def test_ema_update_is_hand_computable(task):
+    with torch.no_grad():
+        for p in task.teacher_dino_head.parameters():
+            p.fill_(1.0)
+        for p in task.dino_head.parameters():
+            p.fill_(3.0)
+    assert task.update_teacher(step=0, total_steps=10) == pytest.approx(0.9)
+    for p in task.teacher_dino_head.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 0.9 * 1.0 + 0.1 * 3.0))
+
+
+def test_ema_momentum_schedules():
+    cosine = TeacherConfig(momentum=0.99, momentum_final=1.0, schedule=MomentumSchedule.COSINE)
+    assert ema_momentum(0, 101, cosine) == pytest.approx(0.99)
+    assert ema_momentum(50, 101, cosine) == pytest.approx(0.995)
+    assert ema_momentum(100, 101, cosine) == pytest.approx(1.0)
+    assert ema_momentum(70, 101, TeacherConfig(momentum=0.99, schedule=MomentumSchedule.CONSTANT)) == 0.99
+    with pytest.raises(ValueError, match="momentum"):
+        TeacherConfig(momentum=1.1)
+
+
+def test_centers_follow_the_teacher(task):
+    batch = make_batch()
+    teacher = task.teacher_output(batch=batch, step=0)
+    task(batch, step=0)
+    expected = 0.9 * torch.zeros_like(task.dino_center) + 0.1 * teacher.dino_logits.mean(0)
+    torch.testing.assert_close(task.dino_center, expected)
+
+
+def test_param_groups_decay_and_layer_scales(task):
+    cfg = OptimConfig(weight_decay=0.05, layer_decay=0.5)
+    groups = param_groups(task.trainable_parameters(), cfg, depth=4)
+    by_name = {n: g for g in groups for n in g["names"]}
+    for name in ("model.vision.cls_token", "model.vision.pos_embed", "model.vision.blocks.0.norm1.weight",
+                 "model.vision.blocks.0.attn.qkv.bias", "model.vision.blocks.0.ls1.gamma", "model.log_temperature"):
+        assert by_name[name]["weight_decay"] == 0.0, name
+    assert by_name["model.vision.blocks.0.attn.qkv.weight"]["weight_decay"] == 0.05
+    assert by_name["model.vision.blocks.3.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.5 ** 1)
+    assert by_name["model.vision.blocks.0.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.5 ** 4)
+    assert by_name["model.vision.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** 5)
+    assert by_name["dino_head.mlp.0.weight"]["lr_scale"] == 1.0
+    assert not any("teacher" in n for n in by_name)
+
+
+def test_learning_rate_schedule():
+    cfg = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=4)
+    assert [learning_rate(s, total_steps=14, cfg=cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(9, total_steps=14, cfg=cfg) == pytest.approx(0.5)
+    assert learning_rate(14, total_steps=14, cfg=cfg) == pytest.approx(0.0)
+
+
+def test_info_reports_fewer_stored_parameters_for_head_only():
+    out = report("tiny")
+    head, full = out["head_only_ema"], out["full_ema"]
+    assert head["trained"] == full["trained"]
+    assert full["stored"] - head["stored"] == head["student_vision"]
+
+
+# ---------------------------------------------------------------- distillation
+
+def distill_cfg(**changes) -> DistillTaskConfig:
+    task = tiny().task
+    return DistillTaskConfig(student=task.model, head=task.head, dino=task.dino, patch=task.patch, **changes)
+
+
+def test_distill_reuses_frozen_teacher_heads_and_trains_only_the_student():
+    teacher_task = TIPSv2Task(tiny_task_cfg())
+    task = DistillTask(distill_cfg(), teacher=teacher_task.model, teacher_dino_head=teacher_task.teacher_dino_head,
+                       teacher_patch_head=teacher_task.teacher_patch_head)
+    before = copy.deepcopy(task.teacher.state_dict())
+    losses = task(make_batch(), step=0)
+    losses["loss/total"].backward()
+    assert all(not p.requires_grad for p in task.teacher.parameters())
+    assert all(p.grad is None for p in task.teacher_dino_head.parameters())
+    assert all(n.startswith(("student.", "dino_head.", "patch_head.")) for n, _ in task.trainable_parameters())
+    for k, v in task.teacher.state_dict().items():
+        assert torch.equal(v, before[k])
+    torch.testing.assert_close(task.teacher_dino_head.prototypes, teacher_task.teacher_dino_head.prototypes)
+
+
+def test_distill_needs_heads_or_random():
+    with pytest.raises(ValueError, match="teacher_heads='random'"):
+        DistillTask(distill_cfg(), teacher=build_model("tiny"))
+    task = DistillTask(distill_cfg(teacher_heads=TeacherHeads.RANDOM), teacher=build_model("tiny"))
+    assert torch.isfinite(task(make_batch(), step=0)["loss/total"])
+
+
+def test_distill_patch_loss_ignores_masks_and_interpolates_teacher_grid():
+    task = DistillTask(distill_cfg(teacher_heads=TeacherHeads.RANDOM, teacher_image_size=84), teacher=build_model("tiny"))
+    batch = make_batch()
+    torch.manual_seed(0)
+    a = task(batch, step=0)["loss/patch"]
+    batch = replace(batch, masks=~batch.masks)
+    task.dino_center.zero_()
+    task.patch_center.zero_()
+    torch.manual_seed(0)
+    b = task(batch, step=0)["loss/patch"]
+    torch.testing.assert_close(a, b)  # masks play no part in distillation
+    _, _, patch_logits, _ = task.teacher_output(batch=batch, step=0)
+    assert patch_logits.shape[1] == (56 // 14) ** 2  # teacher at 84 px (6x6) resampled to the student's 4x4
+
+
+def test_pretrained_student_init_warns():
+    with pytest.warns(UserWarning, match="randomly initialised student"):
+        DistillTask(distill_cfg(teacher_heads=TeacherHeads.RANDOM), teacher=build_model("tiny"),
+                    student=build_model("tiny"))

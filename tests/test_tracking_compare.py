@@ -1,0 +1,73 @@
+"""MLflow sink and run comparison against a real MLflow (sqlite store in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import compare
+from pipelines.tracking import REDACTED, MlflowSink, NullSink, flatten, open_sink
+from tipsv2.configs import TrackingConfig
+
+
+def test_flatten_redacts_secrets():
+    flat = flatten({"engine": {"workers": 2}, "storage": {"aws_secret_access_key": "abc", "endpoint": "http://h"},
+                    "note": "AKIAABCDEFGHIJKLMNOP", "url": "https://user:pw@host/x", "sizes": [1, 2]})
+    assert flat["engine.workers"] == "2" and flat["sizes"] == "[1, 2]" and flat["storage.endpoint"] == "http://h"
+    assert flat["storage.aws_secret_access_key"] == REDACTED
+    assert flat["note"] == REDACTED and flat["url"] == REDACTED
+
+
+def test_rank_nonzero_gets_null_sink(tmp_path):
+    assert isinstance(open_sink(TrackingConfig(), output_root=str(tmp_path), rank=1), NullSink)
+
+
+def make_runs(uri: str) -> list[str]:
+    ids = []
+    for lr, name in ((1e-3, "a"), (5e-4, "b")):
+        sink = MlflowSink(uri=uri, experiment="exp", run_name=name)
+        sink.log_params({"optim": {"lr": lr, "min_lr": 0.0}, "steps": 3, "secret_token": "x"})
+        for step in range(3):
+            sink.log_metrics({"loss/total": 10 - step * lr * 1000, "loss/dino": 1.0}, step=step)
+        sink.close()
+        ids.append(sink.run_id)
+    return ids
+
+
+def test_compare_table_plots_and_artifacts(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = make_runs(uri)
+    out = compare.run(experiment="exp", output=str(tmp_path / "cmp"), tracking_uri=uri)
+    assert out["runs"] == 2 and out["differing_params"] == ["optim.lr"]
+    rows = {r["run"]: r for r in out["table"]}
+    assert rows["a"]["loss/total"] == "8" and rows["b"]["loss/total"] == "9"   # last values: 10 - 2*1, 10 - 2*0.5
+    assert (tmp_path / "cmp" / "loss_total.png").stat().st_size > 1000
+    header = (tmp_path / "cmp" / "comparison.md").read_text().splitlines()[0]
+    assert header == "| run | run_id | optim.lr | loss/total | loss/dino |"
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    assert client.get_run(ids[0]).data.params["secret_token"] == REDACTED
+    artifacts = [a.path for a in client.list_artifacts(out["compare_run_id"], "comparison")]
+    assert "comparison/comparison.json" in artifacts and "comparison/loss_total.png" in artifacts
+    again = compare.run(experiment="exp", output=str(tmp_path / "cmp2"), tracking_uri=uri)
+    assert again["runs"] == 2  # the compare run itself is not compared
+    assert json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["params"] == ["optim.lr"]
+
+
+def test_reattach_by_run_id(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MlflowSink(uri=uri, experiment="exp")
+    first.log_metrics({"x": 1.0}, step=0)
+    first.close(status="KILLED")
+    again = MlflowSink(uri=uri, experiment="exp", run_id=first.run_id)
+    again.log_metrics({"x": 2.0}, step=1)
+    again.close()
+    from mlflow.tracking import MlflowClient
+    history = MlflowClient(uri).get_metric_history(first.run_id, "x")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1.0, 2.0]
+
+
+def test_unknown_experiment_is_named(tmp_path):
+    with pytest.raises(ValueError, match="no MLflow experiment named 'nope'"):
+        compare.run(experiment="nope", output=str(tmp_path / "c"), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
