@@ -49,6 +49,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

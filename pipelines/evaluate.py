@@ -1,0 +1,291 @@
+"""Evaluate a frozen model on a named suite; write the results JSON and log them to MLflow.
+
+    python -m pipelines.evaluate --checkpoint outputs/tiny/export --suite tiny --output outputs/tiny/eval
+    python -m pipelines.evaluate --checkpoint s3://b/tips/vit_b14_vision.npz,s3://b/tips/vit_b14_text.npz \
+        --tokenizer s3://b/tips/spm.model --suite ade20k --data s3://b/ADEChallengeData2016 \
+        --option max_items=100 --output s3://b/evals/ade20k --run-id RUN_ID --tracking-uri http://mlflow:5000
+
+Checkpoint: an exported model directory (tipsv2.checkpoint.save_export: model.safetensors + config.json)
+or released checkpoints "VISION.npz[,TEXT.npz]" (tipsv2.models.load_official), local or s3://.
+Tokenizer: `--tokenizer URI`, else `tokenizer.model` in the checkpoint directory (beside VISION.npz for
+released checkpoints) when there is one; suites that embed text fail without one, naming the flag.
+Suites and their data layouts: tipsv2.eval.suites (`tiny` renders its scenes in memory; `synthetic`
+reads `--data` written by tipsv2.data.synthetic.write_parquet, or renders without it).
+
+Writes `<output>/eval_<suite>.json` ({suite, checkpoint, data, metrics, seconds, config}),
+`<output>/config.json` and `<output>/summary.json`. MLflow: with `--run-id` the metrics go into that
+run (as `eval/<suite>/<metric>` at `--step`, e.g. the pretraining run at its last step); otherwise a
+new run in `tracking.experiment` when a tracking URI is configured (`--tracking-uri` or
+MLFLOW_TRACKING_URI). The results JSON is logged as an artifact under `eval/`. A rerun with the same
+config and output is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from pipelines import cli, storage
+from pipelines.tracking import MetricsSink, NullSink, default_uri, open_sink
+from tipsv2 import config_tree
+from tipsv2.checkpoint import load_export
+from tipsv2.configs import TrackingConfig
+from tipsv2.eval.suites import SUITES, DataLocation, run_suite
+from tipsv2.models import TIPSModel, load_official
+from tipsv2.tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    checkpoint: str = ""                 # exported model dir, or "VISION.npz[,TEXT.npz]" (local or s3://)
+    suite: str = "tiny"                  # a name in tipsv2.eval.suites.SUITES
+    data: str | None = None              # dataset root URI; None for suites that render their data
+    tokenizer: str | None = None         # SentencePiece .model URI; None = tokenizer.model beside the checkpoint
+    options: dict[str, str] = field(default_factory=dict)   # suite keyword arguments, values as JSON
+    device: str = "cpu"                  # torch device the model runs on ("cuda" on a GPU node)
+    run_id: str | None = None            # MLflow run to add the metrics to (e.g. the pretraining run)
+    step: int = 0                        # MLflow step of the metrics (the checkpoint's training step)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="tipsv2-eval"))
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"unknown evaluation suite {self.suite!r}; expected one of {sorted(SUITES)}")
+
+
+def default() -> EvaluateConfig:
+    return EvaluateConfig()
+
+
+PRESETS = {"default": default}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def is_official(checkpoint: str) -> bool:
+    return "," in checkpoint or checkpoint.lower().endswith(".npz")
+
+
+def localize(uri: str, scratch: str) -> str:
+    """A local path holding `uri`'s content: local paths as they are, s3:// files and prefixes copied into
+    `scratch` (a prefix keeps its relative layout)."""
+    if not storage.is_s3(uri):
+        if not os.path.exists(uri):
+            raise ValueError(f"{uri!r} does not exist")
+        return uri
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    target = os.path.join(scratch, name)
+    if not storage.is_dir(uri):
+        if not storage.exists(uri):
+            raise ValueError(f"{uri!r} does not exist")
+        Path(target).write_bytes(storage.read_bytes(uri))
+        return target
+    prefix = uri.rstrip("/") + "/"
+    for file_uri in storage.list_files(uri):
+        local = Path(target, file_uri[len(prefix):])
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(storage.read_bytes(file_uri))
+    return target
+
+
+def load_model(checkpoint: str, scratch: str) -> TIPSModel:
+    """An exported model directory or released "VISION.npz[,TEXT.npz]", local or s3://."""
+    if not checkpoint:
+        raise ValueError("no checkpoint given: pass --checkpoint DIR or --checkpoint VISION.npz[,TEXT.npz]")
+    if is_official(checkpoint):
+        parts = [p.strip() for p in checkpoint.split(",") if p.strip()]
+        if len(parts) > 2:
+            raise ValueError(f"--checkpoint {checkpoint!r}: expected VISION.npz[,TEXT.npz], got {len(parts)} files")
+        return load_official(*[localize(p, scratch) for p in parts])
+    model, _, _ = load_export(localize(checkpoint, scratch))
+    return model
+
+
+def default_tokenizer_uri(checkpoint: str) -> str | None:
+    """`tokenizer.model` in the checkpoint directory (beside VISION.npz), if it exists."""
+    base = checkpoint
+    if is_official(checkpoint):
+        vision = checkpoint.split(",")[0].strip()
+        base = vision.rsplit("/", 1)[0] if "/" in vision else "."
+    uri = storage.join(base, TOKENIZER_FILE)
+    return uri if storage.exists(uri) else None
+
+
+class MissingTokenizer:
+    """Stands in when no tokenizer was found: suites that never embed text (nyuv2) still run."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.checkpoint = checkpoint
+
+    def __call__(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        raise ValueError(f"this suite embeds text but no tokenizer was found: pass --tokenizer PATH_OR_S3 (no "
+                         f"{TOKENIZER_FILE} beside checkpoint {self.checkpoint!r})")
+
+
+def load_tokenizer(cfg: EvaluateConfig, model: TIPSModel, scratch: str) -> Tokenizer | MissingTokenizer:
+    uri = cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)
+    if uri is None:
+        return MissingTokenizer(cfg.checkpoint)
+    return Tokenizer(localize(uri, scratch), max_len=model.cfg.text.max_len)
+
+
+def suite_options(options: dict[str, str]) -> dict[str, Any]:
+    """Option values are JSON ("8", "[\"cat\"]", "null"); anything that is not JSON stays a string."""
+    parsed = {}
+    for key, value in options.items():
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def data_location(uri: str | None) -> DataLocation | None:
+    if uri is None:
+        return None
+    filesystem, path = storage.filesystem(uri)
+    return DataLocation(filesystem=filesystem, root=path)
+
+
+# ---------------------------------------------------------------- tracking
+
+
+def tracking_configured(cfg: EvaluateConfig) -> bool:
+    return bool(cfg.run_id or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def open_tracking(cfg: EvaluateConfig, output: str) -> MetricsSink:
+    """The run the metrics go to; fails before any work when `run_id` cannot be reached."""
+    if not tracking_configured(cfg):
+        return NullSink()
+    local_root = None if storage.is_s3(output) else output
+    tracking = dataclasses.replace(cfg.tracking, uri=cfg.tracking.uri or default_uri(local_root),
+                                   run_name=cfg.tracking.run_name or f"eval-{cfg.suite}")
+    try:
+        sink = open_sink(tracking, output_root=local_root, run_id=cfg.run_id)
+    except Exception as err:  # MLflow raises its own exception types
+        raise ValueError(f"cannot open MLflow run {cfg.run_id!r} at the configured tracking URI "
+                         f"(--tracking-uri or MLFLOW_TRACKING_URI): {type(err).__name__}: {str(err)[:300]}") from err
+    if cfg.run_id is None:
+        sink.log_params(config_tree.to_dict(cfg))
+    else:   # an existing run's params cannot change: record what was evaluated as tags
+        sink.set_tags({f"eval.{cfg.suite}.checkpoint": cfg.checkpoint, f"eval.{cfg.suite}.data": str(cfg.data)})
+    return sink
+
+
+def log_results(sink: MetricsSink, cfg: EvaluateConfig, results: dict[str, Any]) -> None:
+    sink.log_metrics({f"eval/{cfg.suite}/{k}": v for k, v in results["metrics"].items()}, step=cfg.step)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, f"eval_{cfg.suite}.json")
+        path.write_text(json.dumps(results, indent=2, sort_keys=True))
+        sink.log_artifact(path, "eval")
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def results_uri(output: str, suite: str) -> str:
+    return storage.join(output, f"eval_{suite}.json")
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
+    """Load the model and tokenizer, run the suite; the metrics dict ("<task>/<variant>/<metric>" -> float)."""
+    with tempfile.TemporaryDirectory(prefix="tipsv2-eval-") as scratch:
+        model = load_model(cfg.checkpoint, scratch).to(cfg.device)
+        tokenizer = load_tokenizer(cfg, model, scratch)
+        try:
+            return run_suite(cfg.suite, model, tokenizer, data_location(cfg.data), **suite_options(cfg.options))
+        except TypeError as err:   # an option the suite does not take
+            raise ValueError(f"suite {cfg.suite!r} rejected options {sorted(cfg.options)}: {err}") from err
+
+
+def run(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
+    """Evaluate and write `<output>/eval_<suite>.json`, config.json and summary.json; returns the summary."""
+    watch = cli.Stopwatch()
+    target = results_uri(output, cfg.suite)
+    config = config_tree.to_dict(cfg)
+    summary_uri = storage.join(output, cli.SUMMARY_FILE)
+    if (storage.exists(target) and storage.exists(summary_uri)
+            and storage.read_json(target).get("config") == config):
+        print(f"{target} exists for this config: skipped")
+        return storage.read_json(summary_uri)
+    sink = open_tracking(cfg, output)
+    status = "FAILED"
+    try:
+        metrics = evaluate(cfg)
+        results = {"suite": cfg.suite, "checkpoint": cfg.checkpoint, "data": cfg.data, "metrics": metrics,
+                   "seconds": watch.seconds(), "config": config}
+        storage.write_json(target, results)
+        cli.write_resolved_config(output, cfg)
+        log_results(sink, cfg, results)
+        status = "FINISHED"
+    finally:
+        sink.close(status)
+    summary = {"stage": "evaluate", "read": {"checkpoint": cfg.checkpoint, "data": cfg.data,
+                                             "tokenizer": cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)},
+               "wrote": {"results": target}, "suite": cfg.suite, "metrics": metrics,
+               "mlflow_run_id": sink.run_id, "wall_s": watch.seconds()}
+    cli.write_summary(output, summary)
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+FLAGS = {"checkpoint": "checkpoint", "suite": "suite", "data": "data", "tokenizer": "tokenizer", "run_id": "run_id",
+         "device": "device", "step": "step", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment"}
+
+
+def parse_args(argv: list[str] | None) -> tuple[EvaluateConfig, str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="default", help=f"preset {sorted(PRESETS)} or a JSON file")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one config value (repeatable)")
+    parser.add_argument("--output", required=True, help="output root: a local path or s3://bucket/prefix")
+    parser.add_argument("--checkpoint", help='exported model dir, or "VISION.npz[,TEXT.npz]"')
+    parser.add_argument("--suite", help=f"one of {sorted(SUITES)}")
+    parser.add_argument("--data", help="dataset root (local or s3://)")
+    parser.add_argument("--tokenizer", help=f"SentencePiece model; default: {TOKENIZER_FILE} beside the checkpoint")
+    parser.add_argument("--run-id", dest="run_id", help="MLflow run to log the metrics into")
+    parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
+    parser.add_argument("--experiment", help="MLflow experiment of a new run")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--step", help="MLflow step of the metrics")
+    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=JSON",
+                        help="keyword argument of the suite, e.g. max_items=100 (repeatable)")
+    args = parser.parse_args(argv)
+    sets = list(args.sets) + [f"{path}={getattr(args, flag)}" for flag, path in FLAGS.items()
+                              if getattr(args, flag) is not None]
+    try:
+        cfg = cli.resolve_config(args.config, PRESETS, sets)
+        for option in args.options:
+            if "=" not in option:
+                raise ValueError(f"--option expects KEY=VALUE, got {option!r}")
+            key, value = option.split("=", 1)
+            cfg = dataclasses.replace(cfg, options={**cfg.options, key.strip(): value})
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, args.output
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, output = parse_args(argv)
+    summary = run(cfg, output)
+    width = max(len(k) for k in summary["metrics"])
+    for key, value in summary["metrics"].items():
+        print(f"{key.ljust(width)}  {value:.4f}")
+    print(f"wrote {summary['wrote']['results']} ({summary['wall_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
