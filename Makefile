@@ -30,7 +30,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
+	$(BIN)/python -m bench.parity
 	$(BIN)/python -m bench.model
+	$(BIN)/python -m bench.caption
+	$(BIN)/python -m bench.train
 
 clean:
 	rm -rf $(VENV) outputs

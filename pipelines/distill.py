@@ -1,0 +1,49 @@
+"""Patch-level distillation: a frozen teacher teaches a randomly initialised student (Ray Train + DeepSpeed).
+
+    python -m pipelines.distill --config tiny --teacher outputs/tiny/export --output outputs/tiny_distill
+    python -m pipelines.distill --config tiny --set teacher=outputs/tiny/export --output DIR --local
+    python -m pipelines.distill --config vit_b14 --teacher s3://b/tips/vision.npz,s3://b/tips/text.npz \
+        --set task.teacher_heads=random --output s3://b/runs/distill_b14
+
+The teacher is an exported model directory (pipelines.pretrain's `<output>/export`, local or s3://) or the
+released `VISION.npz[,TEXT.npz]` checkpoints, which ship without heads (use task.teacher_heads=random).
+`--teacher X` is the same as `--set teacher=X`. Same engine, outputs and resume rules as pipelines.pretrain.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from pipelines import cli
+from pipelines.pretrain import split_local
+from pipelines.train import Job, run
+from tipsv2.configs import DISTILL_PRESETS
+
+STAGE_PRESETS = {**DISTILL_PRESETS, "default": DISTILL_PRESETS["tiny"]}
+
+
+def split_teacher(argv: list[str]) -> list[str]:
+    """`--teacher X` / `--teacher=X` -> `--set teacher=X`."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--teacher" and i + 1 < len(argv):
+            out += ["--set", f"teacher={argv[i + 1]}"]
+            i += 2
+            continue
+        if argv[i].startswith("--teacher="):
+            out += ["--set", "teacher=" + argv[i].split("=", 1)[1]]
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv, local = split_local(split_teacher(list(sys.argv[1:] if argv is None else argv)))
+    cfg, output = cli.parse_stage_args(argv, STAGE_PRESETS, description=__doc__)
+    return run(Job.DISTILL, cfg, output, local=local)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The demo report: loss curves, zero-shot segmentation overlays, patch-text heatmaps, comparison table.
+
+    python -m pipelines.report --root outputs/demo       # after pipelines.run_all; writes <root>/report/
+
+Reads the teacher (pretrain) and student (distill) exports, the tokenizer and the synthetic
+validation scenes under the run root, and the loss histories from MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tipsv2.data import synthetic
+from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder, normalize
+from tipsv2.eval.zero_shot import PROMPT_TEMPLATES, SegMode, ZeroShotSegmentationConfig, predict_segmentation
+from tipsv2.models.model import TIPSModel
+
+PALETTE = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    return PALETTE[labels % len(PALETTE)]
+
+
+def loss_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
+    """histories: run name -> metric -> [(step, value)]; one panel per metric."""
+    plt = _plt()
+    metrics = sorted({m for h in histories.values() for m in h})
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for name, history in histories.items():
+            if metric in history:
+                steps, values = zip(*history[metric])
+                ax.plot(steps, values, label=name)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def segmentation_overlays(models: dict[str, TIPSModel], tokenizer, scenes: Sequence[synthetic.SceneRecord],
+                          class_names: Sequence[str], path: Path) -> Path:
+    """Rows: scenes; columns: image, ground truth, one zero-shot prediction per model."""
+    plt = _plt()
+    cfg = ZeroShotSegmentationConfig(mode=SegMode.WHOLE, short_side=scenes[0].image.size[0])
+    names = ["background", *class_names]
+    texts = {n: class_embeddings(model_text_encoder(m, tokenizer), names, PROMPT_TEMPLATES) for n, m in models.items()}
+    fig, axes = plt.subplots(len(scenes), 2 + len(models), figsize=(2.4 * (2 + len(models)), 2.4 * len(scenes)),
+                             squeeze=False)
+    for row, scene in enumerate(scenes):
+        panels = [("image", np.asarray(scene.image)), ("ground truth", colorize(scene.mask))]
+        for name, model in models.items():
+            pred = predict_segmentation(model_image_encoder(model), scene.image, texts[name], scene.mask.shape, cfg)
+            panels.append((name, colorize(pred.numpy())))
+        for col, (title, picture) in enumerate(panels):
+            axes[row, col].imshow(picture)
+            axes[row, col].set_axis_off()
+            if row == 0:
+                axes[row, col].set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def patch_text_similarity(model: TIPSModel, tokenizer, image, prompt: str) -> np.ndarray:
+    """(H, W) cosine of each (value-attention) patch token with the prompt's embedding, upsampled."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    feats = model.encode_image(pixels, dense=True).patches[0]                     # (N, D)
+    text = model.encode_text(*tokenizer([prompt]))[0]
+    side = pixels.shape[-1] // model.patch_size
+    cos = (normalize(feats) @ normalize(text)).reshape(1, 1, side, side)
+    return F.interpolate(cos, size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def heatmaps(models: dict[str, TIPSModel], tokenizer, scenes: Sequence[synthetic.SceneRecord], path: Path) -> Path:
+    """Per scene, the prompt of its main object; heatmap per model over the image."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(scenes), 1 + len(models), figsize=(2.6 * (1 + len(models)), 2.6 * len(scenes)),
+                             squeeze=False)
+    for row, scene in enumerate(scenes):
+        prompt = scene.captions.get("short", "a shape")
+        axes[row, 0].imshow(scene.image)
+        axes[row, 0].set_title(prompt, fontsize=7)
+        for col, (name, model) in enumerate(models.items(), start=1):
+            axes[row, col].imshow(scene.image)
+            axes[row, col].imshow(patch_text_similarity(model, tokenizer, scene.image, prompt), cmap="jet", alpha=0.5)
+            axes[row, col].set_title(name, fontsize=8)
+        for ax in axes[row]:
+            ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, *, images: dict[str, str], tables: dict[str, str], notes: Sequence[str] = ()) -> Path:
+    lines = ["# tipsv2 demo report", ""]
+    lines += [f"- {n}" for n in notes] + [""] if notes else []
+    for title, table in tables.items():
+        lines += [f"## {title}", "", table, ""]
+    for title, name in images.items():
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def metrics_table(results: dict[str, dict[str, float]], keys: Sequence[str]) -> str:
+    header = "| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    return header + "".join(f"| {name} | " + " | ".join(f"{r.get(k, float('nan')):.3f}" for k in keys) + " |\n"
+                            for name, r in results.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.run_all import build_report
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="the run_all output root")
+    args = parser.parse_args(argv)
+    print(json.dumps(build_report(args.root), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""The main job: source -> ingest -> caption -> tokenizer -> pretrain -> distill -> evaluate -> report.
+
+    python -m pipelines.run_all --config demo --output outputs/demo       # `make demo`, ~10 min on 2 CPU cores
+    python -m pipelines.run_all --config tiny --output /tmp/tiny          # a minute or two
+    ray job submit --working-dir . -- python -m pipelines.run_all --config tiny --output s3://b/runs/tiny
+
+Each step writes under `<output>/<step>/` and is its own MLflow run under one parent run (sqlite store
+under a local output unless `tracking.uri` / MLFLOW_TRACKING_URI say otherwise). A step whose
+`step.json` records the same config is skipped, so a rerun resumes where the last one stopped.
+Sources: procedural scenes (with ground-truth captions for the template captioner) plus the sample
+photos that ship with scikit-image, unless `source.images` names your own images to ingest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from pipelines import caption, cli, ingest, storage
+from pipelines.tracking import PARENT_ENV, MlflowSink, default_uri
+from tipsv2 import config_tree
+from tipsv2.configs import DistillConfig, PretrainConfig, TrackingConfig, distill_preset, preset
+from tipsv2.data.synthetic import SyntheticConfig
+
+STEPS = ("source", "ingest", "caption", "tokenizer", "pretrain", "distill", "evaluate", "report")
+SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "horse", "cat", "camera", "moon")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    images: str = ""                       # your images (anything pipelines.ingest reads); "" = generated
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    skimage_samples: bool = True           # add scikit-image's sample photos (offline, in the wheel)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunAllConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    ingest: ingest.IngestConfig = field(default_factory=ingest.default)
+    caption: caption.CaptionConfig = field(default_factory=caption.template)
+    pretrain: PretrainConfig = field(default_factory=lambda: preset("tiny"))
+    distill: DistillConfig = field(default_factory=lambda: distill_preset("tiny"))
+    evaluate_suite: str = "synthetic"
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="tipsv2-run_all"))
+
+
+def _chain(name: str) -> RunAllConfig:
+    pre, dis = preset(name), distill_preset(name)
+    return RunAllConfig(source=SourceConfig(synthetic=pre.data.synthetic), pretrain=pre, distill=dis)
+
+
+PRESETS: dict[str, Callable[[], RunAllConfig]] = {"tiny": lambda: _chain("tiny"), "demo": lambda: _chain("demo"),
+                                                  "default": lambda: _chain("demo")}
+
+
+# ---------------------------------------------------------------- steps
+
+
+def write_source(cfg: SourceConfig, out: str) -> dict[str, Any]:
+    """Scenes as PNG + alt-text sidecars (what users' folders look like), and their ground truth."""
+    from tipsv2.data import synthetic
+
+    fs, root = storage.filesystem(storage.join(out, "synthetic"))
+    written = synthetic.write_parquet(root, cfg.synthetic, filesystem=fs)
+    train = next(synthetic.read_split(root, "train", filesystem=fs))  # validates the layout
+    del train
+    images = storage.join(out, "images")
+    import pyarrow.parquet as pq
+    table = pq.read_table(written["train"]["paths"]["images"], filesystem=fs, columns=["id", "image", "alt_text"])
+    for row in table.to_pylist():
+        storage.write_bytes(storage.join(images, f"{row['id']}.png"), row["image"])
+        if row["alt_text"]:
+            storage.write_bytes(storage.join(images, f"{row['id']}.txt"), row["alt_text"].encode())
+    samples = 0
+    if cfg.skimage_samples:
+        from PIL import Image
+        from skimage import data as skdata
+        for name in SKIMAGE_SAMPLES:
+            pixels = getattr(skdata, name)()
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).convert("RGB").save(buffer, format="JPEG", quality=90)
+            storage.write_bytes(storage.join(images, f"skimage-{name}.jpg"), buffer.getvalue())
+            storage.write_bytes(storage.join(images, f"skimage-{name}.txt"), f"a photo: {name}".encode())
+            samples += 1
+    return {"synthetic": {k: v["rows"] for k, v in written.items()}, "skimage_samples": samples,
+            "images": images, "ground_truth": storage.join(out, "synthetic", "train", "ground_truth")}
+
+
+def train_tokenizer_step(captions_root: str, images_root: str, vocab: int, max_len: int, out: str) -> dict[str, Any]:
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from tipsv2.tokenizer import Tokenizer, train_tokenizer
+
+    texts: list[str] = []
+    for uri, columns in ((storage.join(captions_root, "captions"), None), (storage.join(images_root, "images"), ["alt_text"])):
+        fs, path = storage.filesystem(uri)
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        for name in table.column_names:
+            if name.startswith("caption_") or name == "alt_text":
+                texts += [t for t in table.column(name).to_pylist() if t]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = train_tokenizer(texts, vocab_size=vocab, out_path=Path(tmp) / "tokenizer.model")
+        Tokenizer(local, max_len=max_len)  # loads back
+        target = storage.join(out, "tokenizer.model")
+        storage.write_bytes(target, local.read_bytes())
+    return {"texts": len(texts), "vocab_size": vocab, "tokenizer": target}
+
+
+def evaluate_step(cfg: RunAllConfig, out: str, *, models: dict[str, str], tokenizer: str, data: str) -> dict[str, Any]:
+    from pipelines import evaluate
+
+    results = {}
+    for name, checkpoint in models.items():
+        ecfg = evaluate.EvaluateConfig(checkpoint=checkpoint, suite=cfg.evaluate_suite, data=data, tokenizer=tokenizer,
+                                       tracking=cfg.tracking)
+        results[name] = evaluate.run(ecfg, storage.join(out, name))["metrics"]
+    return results
+
+
+# ---------------------------------------------------------------- the chain
+
+
+class Chain:
+    """Runs steps in order under one parent MLflow run; skips a step whose step.json matches."""
+
+    def __init__(self, cfg: RunAllConfig, output: str) -> None:
+        self.cfg, self.output = cfg, output
+        self.uri = cfg.tracking.uri or default_uri(output)
+        state_uri = storage.join(output, "run_all.json")
+        state = storage.read_json(state_uri) if storage.exists(state_uri) else {}
+        self.parent = MlflowSink(uri=self.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name
+                                 or "run_all", run_id=state.get("parent_run_id"),
+                                 offline_dir=output if "://" not in output else None)
+        if "parent_run_id" not in state:
+            self.parent.log_params(config_tree.to_dict(cfg))
+            storage.write_json(state_uri, {"parent_run_id": self.parent.run_id})
+        os.environ[PARENT_ENV] = self.parent.run_id
+        os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        self.results: dict[str, Any] = {}
+
+    def step(self, name: str, step_cfg: Any, action: Callable[[str], dict[str, Any]], *, own_run: bool = True) -> dict:
+        out = storage.join(self.output, name)
+        marker = storage.join(out, "step.json")
+        wanted = config_tree.to_dict(step_cfg) if dataclasses.is_dataclass(step_cfg) else step_cfg
+        if storage.exists(marker) and storage.read_json(marker).get("config") == wanted:
+            print(f"[run_all] {name}: done before with this config, skipped")
+            self.results[name] = storage.read_json(marker)["result"]
+            return self.results[name]
+        print(f"[run_all] {name} ...", flush=True)
+        clock = cli.Stopwatch()
+        result = action(out)
+        if own_run:  # stages without their own tracking get a child run with their summary numbers
+            child = MlflowSink(uri=self.uri, experiment=self.cfg.tracking.experiment, run_name=name,
+                               parent_run_id=self.parent.run_id)
+            child.log_metrics({k: float(v) for k, v in _numbers(result).items()}, step=0)
+            child.close()
+        storage.write_json(marker, {"config": wanted, "result": result, "wall_s": clock.seconds()})
+        print(f"[run_all] {name}: {clock.seconds():.1f} s", flush=True)
+        self.results[name] = result
+        return result
+
+
+def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out |= _numbers(v, f"{prefix}{k}/")
+        return out
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix.rstrip("/"): float(tree)}
+    return {}
+
+
+def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
+    from pipelines import train
+
+    clock = cli.Stopwatch()
+    cli.write_resolved_config(output, cfg)
+    chain = Chain(cfg, output)
+    root = lambda step: storage.join(output, step)  # noqa: E731
+    if cfg.source.images:
+        source = {"images": cfg.source.images, "ground_truth": ""}
+    else:
+        source = chain.step("source", cfg.source, lambda out: write_source(cfg.source, out))
+    ingest_cfg = replace(cfg.ingest, source=source["images"])
+    chain.step("ingest", ingest_cfg, lambda out: _brief(ingest.run(ingest_cfg, out)))
+    caption_cfg = replace(cfg.caption, input=root("ingest"),
+                          template=replace(cfg.caption.template, captions_path=source["ground_truth"]))
+    chain.step("caption", caption_cfg, lambda out: _brief(caption.run(caption_cfg, out)))
+    vocab, max_len = cfg.pretrain.data.tokenizer_vocab, cfg.pretrain.task.model.text.max_len
+    tok = chain.step("tokenizer", {"vocab": vocab, "max_len": max_len, "caption": config_tree.to_dict(caption_cfg)},
+                     lambda out: train_tokenizer_step(root("caption"), root("ingest"), vocab, max_len, out))
+    data = dict(images=storage.join(root("ingest"), "images"), captions_uri=storage.join(root("caption"), "captions"),
+                tokenizer=tok["tokenizer"])
+    pre_cfg = replace(cfg.pretrain, data=replace(cfg.pretrain.data, **data), tracking=cfg.tracking)
+    chain.step("pretrain", pre_cfg, lambda out: _brief(train.run(train.Job.PRETRAIN, pre_cfg, out)), own_run=False)
+    teacher = storage.join(root("pretrain"), "export")
+    dis_cfg = replace(cfg.distill, teacher=teacher, data=replace(cfg.distill.data, **data), tracking=cfg.tracking)
+    chain.step("distill", dis_cfg, lambda out: _brief(train.run(train.Job.DISTILL, dis_cfg, out)), own_run=False)
+    models = {"teacher": teacher, "student": storage.join(root("distill"), "export")}
+    synthetic_root = storage.join(root("source"), "synthetic")
+    evaluation = chain.step("evaluate", {"suite": cfg.evaluate_suite, "models": models},
+                            lambda out: evaluate_step(cfg, out, models=models, tokenizer=tok["tokenizer"],
+                                                      data=synthetic_root), own_run=False)
+    if "://" not in output:
+        chain.step("report", {"models": models}, lambda out: build_report(output), own_run=False)
+    chain.parent.log_metrics({f"{m}/{k}": v for m, r in evaluation.items() for k, v in r.items()}, step=0)
+    chain.parent.close()
+    summary = {"steps": {k: v for k, v in chain.results.items()}, "mlflow_parent_run_id": chain.parent.run_id,
+               "tracking_uri": chain.uri, "wall_s": clock.seconds(),
+               "where": {s: root(s) for s in STEPS if s in chain.results}}
+    cli.write_summary(output, summary)
+    return summary
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """What run_all keeps of a stage summary (no resolved configs, they are in each stage's config.json)."""
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
+def build_report(output: str) -> dict[str, Any]:
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import compare, report
+    from tipsv2.checkpoint import load_export
+    from tipsv2.data import synthetic
+    from tipsv2.tokenizer import Tokenizer
+
+    out = Path(output) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {s: storage.read_json(str(Path(output) / s / cli.SUMMARY_FILE)) for s in ("pretrain", "distill")}
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output))
+    histories = {}
+    for name, s in summary.items():
+        run_id = s["mlflow_run_id"]
+        histories[name] = {m: [(x.step, x.value) for x in sorted(client.get_metric_history(run_id, m), key=lambda x: x.step)]
+                           for m in ("loss/total", "loss/contrastive", "loss/dino", "loss/patch")}
+    images = {"Loss curves (pretrain = teacher, distill = student)": report.loss_curves(histories, out / "loss_curves.png").name}
+    resolved = storage.read_json(str(Path(output) / cli.CONFIG_FILE))
+    meta = storage.read_json(str(Path(output) / "tokenizer" / "step.json"))["result"]
+    tokenizer = Tokenizer(meta["tokenizer"], max_len=resolved["pretrain"]["task"]["model"]["text"]["max_len"])
+    models = {"teacher": load_export(Path(output) / "pretrain" / "export")[0].eval(),
+              "student": load_export(Path(output) / "distill" / "export")[0].eval()}
+    scenes = [s for _, s in zip(range(4), synthetic.read_split(str(Path(output) / "source" / "synthetic"), "val"))]
+    names = synthetic.class_names(config_tree.from_dict(SyntheticConfig, resolved["source"]["synthetic"]))
+    images["Zero-shot segmentation (value attention, 9 templates)"] = report.segmentation_overlays(
+        models, tokenizer, scenes, names, out / "zero_shot_segmentation.png").name
+    images["Patch-text similarity for each scene's short caption"] = report.heatmaps(
+        models, tokenizer, scenes, out / "patch_text_heatmaps.png").name
+    evaluation = {name: storage.read_json(str(Path(output) / "evaluate" / name / "summary.json"))["metrics"]
+                  for name in models}
+    keys = [k for k in ("zero_shot_seg/miou", "retrieval/cls2/i2t_r1", "retrieval/cls2/t2i_r1",
+                        "classification/cls1/top1", "probe_seg/miou", "probe_depth/rmse")
+            if any(k in r for r in evaluation.values())] or sorted(next(iter(evaluation.values())))[:6]
+    cmp = compare.run(experiment=resolved["tracking"]["experiment"], output=str(out / "comparison"),
+                      tracking_uri=client.tracking_uri)
+    tables = {"Evaluation (synthetic scenes, held-out split)": report.metrics_table(evaluation, keys),
+              "MLflow comparison of the runs": compare.markdown(cmp["table"])}
+    path = report.write_report(out, images=images, tables=tables)
+    return {"report": str(path), "files": sorted(p.name for p in out.iterdir())}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg, output = cli.parse_stage_args(argv, PRESETS, description=__doc__)
+    summary = run(cfg, output)
+    print(f"\n[run_all] finished in {summary['wall_s']:.0f} s; outputs under {output}:")
+    for step, where in summary["where"].items():
+        print(f"  {step:10s} {where}")
+    print(f"  MLflow     {summary['tracking_uri']} (parent run {summary['mlflow_parent_run_id']})")
+    if "report" in summary["steps"]:
+        print(f"  report     {summary['steps']['report']['report']}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

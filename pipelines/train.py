@@ -1,0 +1,894 @@
+"""The shared training engine of pretraining and distillation: Ray Train TorchTrainer x DeepSpeed ZeRO.
+
+`pipelines.pretrain` and `pipelines.distill` are thin entry points over `run(job, cfg, output)`:
+
+    driver   config.json, data (synthetic Parquet if none), tokenizer, MLflow run, TorchTrainer.fit
+    worker   TIPSv2Task / DistillTask -> deepspeed.initialize (ZeRO 0-3, fp32/bf16/fp16, accumulation,
+             clipping, torch AdamW on tipsv2.optim.param_groups with the LR schedule set every step)
+             -> steps over data.RankStream -> DeepSpeed checkpoints from every rank into Ray Train's
+             storage (<output>/ray/train/step_XXXXXXXX) -> export on rank 0 (<output>/export/)
+
+Checkpoints hold the DeepSpeed state of every rank plus `trainer_state.json` (step, epoch, MLflow run id,
+loss history), `teacher.safetensors` (EMA teacher weights and center buffers, gathered, so ZeRO-3
+restores them exactly) and `rng_rank<r>.json` (torch, numpy and Python RNG states). A worker restarted by
+`FailureConfig(max_failures)` resumes from `ray.train.get_checkpoint()`; rerunning the same command after
+the driver died resumes from the latest checkpoint found under the output. A run that reached its last
+step is skipped.
+
+A non-finite loss term on any rank stops every rank before the step is applied: the run ends with
+`NonFiniteLoss` naming the step and the terms, and the last checkpoint is the last good state.
+
+Metrics (rank 0 only, one MLflow run per job through pipelines.tracking): every loss term averaged over
+ranks, lr, temperature, EMA momentum, images/s and an MFU estimate (analytic FLOPs / peak FLOP/s: a
+table for known GPUs, a timed matmul on CPU, or TIPSV2_PEAK_FLOPS). Artifacts: config, the exported
+model, patch-text similarity heatmaps of a few validation images.
+
+Test-only fault injection (environment of the driver, handed to the workers): TIPSV2_FAIL_AT_STEP=k
+makes the last rank exit hard once at step k; TIPSV2_NAN_AT_STEP=k makes the loss of step k NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import io
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines import cli, data, storage
+from pipelines.tracking import MetricsSink, NullSink, open_sink
+from tipsv2 import config_tree
+from tipsv2.checkpoint import load_export, save_export
+from tipsv2.configs import DistillConfig, Precision, PretrainConfig
+from tipsv2.distill import DistillTask
+from tipsv2.loop import NonFiniteLoss, scalars
+from tipsv2.models.config import ModelConfig, VisionConfig
+from tipsv2.models.heads import DinoHead, DinoHeadConfig
+from tipsv2.models.model import TIPSModel, load_strict
+from tipsv2.models.official import export_official, load_official
+from tipsv2.optim import learning_rate, param_groups
+from tipsv2.task import TIPSv2Task
+from tipsv2.tokenizer import Tokenizer, train_tokenizer
+
+RUN_NAME = "train"                     # Ray Train run directory under <output>/ray
+TRAINER_STATE = "trainer_state.json"
+TEACHER_STATE = "teacher.safetensors"
+DS_TAG = "ds"
+HISTORY_FILE = "history.jsonl"
+EXPORT_DIR = "export"
+HEATMAP_IMAGES = 3
+# Dense bf16 peak FLOP/s per device (vendor figures), matched against torch.cuda.get_device_name().
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+Config = PretrainConfig | DistillConfig
+
+
+class Job(str, enum.Enum):
+    PRETRAIN = "pretrain"
+    DISTILL = "distill"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Knobs:
+    """Test-only fault injection; None = off."""
+    fail_at_step: int | None = None    # the last rank calls os._exit(1) once at the start of this step
+    nan_at_step: int | None = None     # the total loss of this step is multiplied by NaN
+
+    @staticmethod
+    def from_env() -> Knobs:
+        def read(name: str) -> int | None:
+            value = os.environ.get(name)
+            return int(value) if value not in (None, "") else None
+        return Knobs(fail_at_step=read("TIPSV2_FAIL_AT_STEP"), nan_at_step=read("TIPSV2_NAN_AT_STEP"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Everything a worker needs, built once by the driver (picklable)."""
+    job: Job
+    cfg: Config
+    output: str
+    source: data.Source
+    ids: list[str]
+    texts_ref: Any                     # ObjectRef of data.read_texts(source)
+    tokenizer: str                     # URI of the SentencePiece model
+    run_id: str | None
+    knobs: Knobs = Knobs()
+
+
+@dataclasses.dataclass
+class TrainerState:
+    step: int = 0                      # next step to run
+    epoch: int = 0
+    run_id: str | None = None
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+# ---------------------------------------------------------------- task construction (driver, workers, local)
+
+
+def load_teacher(spec: str | None) -> tuple[TIPSModel, DinoHead | None, DinoHead | None]:
+    """An exported model directory (local or s3://), or released `VISION.npz[,TEXT.npz]` checkpoints."""
+    if not spec:
+        raise ValueError("distillation needs a teacher: --set teacher=EXPORT_DIR or teacher=VISION.npz[,TEXT.npz]")
+    if spec.endswith(".npz") or ".npz," in spec:
+        paths = [local_copy(p) for p in spec.split(",")]
+        return load_official(paths[0], paths[1] if len(paths) > 1 else None), None, None
+    return load_export(local_copy(spec))
+
+
+def local_copy(uri: str) -> str:
+    """A local path holding `uri` (a file or a directory); S3 objects are downloaded to a temp dir."""
+    if not storage.is_s3(uri):
+        return uri
+    target = Path(tempfile.mkdtemp(prefix="tipsv2-fetch-"))
+    files = storage.list_files(uri)
+    if not files:  # a single object
+        name = target / uri.rstrip("/").rsplit("/", 1)[-1]
+        name.write_bytes(storage.read_bytes(uri))
+        return str(name)
+    for file in files:
+        relative = file[len(uri.rstrip("/")) + 1:]
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        (target / relative).write_bytes(storage.read_bytes(file))
+    return str(target)
+
+
+def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_sum=None,
+               rank: int = 0) -> nn.Module:
+    """The module DeepSpeed wraps, seeded by cfg.seed so every rank (and the local loop) builds the same one."""
+    collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean}.items() if v is not None}
+    torch.manual_seed(cfg.seed)
+    if job == Job.PRETRAIN:
+        extra = {"reduce_sum": reduce_sum} if reduce_sum is not None else {}
+        return TIPSv2Task(cfg.task, rank=rank, **collectives, **extra)
+    teacher, dino_head, patch_head = load_teacher(cfg.teacher)
+    student = load_export(local_copy(cfg.student_init))[0] if cfg.student_init else None
+    return DistillTask(cfg.task, teacher=teacher, teacher_dino_head=dino_head, teacher_patch_head=patch_head,
+                       student=student, rank=rank, **collectives)
+
+
+def export_parts(task: nn.Module, cfg: Config) -> tuple[TIPSModel, DinoHead, DinoHead, DinoHeadConfig]:
+    """(model, DINO head, patch head, head config) to export: the EMA teacher heads when pretraining,
+    the student's own heads when distilling."""
+    if isinstance(task, TIPSv2Task):
+        return task.model, task.teacher_dino_head, task.teacher_patch_head, cfg.task.head
+    head = cfg.task.head
+    prototypes = int(getattr(task.dino_head.prototypes, "ds_shape", task.dino_head.prototypes.shape)[0])
+    return task.student, task.dino_head, task.patch_head, DinoHeadConfig(
+        prototypes=prototypes, hidden=head.hidden, bottleneck=head.bottleneck, layers=head.layers)
+
+
+def teacher_vision(task: nn.Module) -> VisionConfig | None:
+    """The frozen teacher's vision config when distilling; None when the teacher is the student's size."""
+    return task.teacher.cfg.vision if isinstance(task, DistillTask) else None
+
+
+def ema_modules(task: nn.Module) -> list[nn.Module]:
+    return [teacher for teacher, _ in task.ema_pairs()] if hasattr(task, "ema_pairs") else []
+
+
+def model_config_of(cfg: Config) -> ModelConfig:
+    """The config of the model being trained (the student when distilling)."""
+    return cfg.task.model if isinstance(cfg, PretrainConfig) else cfg.task.student
+
+
+# ---------------------------------------------------------------- FLOPs and MFU
+
+
+def vision_flops(vision, image_size: int) -> float:
+    """Forward FLOPs (2 x multiply-adds) of the ViT on one image of `image_size` px."""
+    n = (image_size // vision.patch_size) ** 2
+    t, d = n + 2, vision.width
+    hidden = vision.mlp_dim if vision.ffn.value == "mlp" else 3 * ((int(vision.mlp_dim * 2 / 3) + 7) // 8 * 8) // 2
+    per_block = 2 * t * (4 * d * d + 2 * d * hidden) + 4 * t * t * d
+    return 2 * n * 3 * vision.patch_size ** 2 * d + vision.depth * per_block
+
+
+def text_flops(text) -> float:
+    length, d = text.max_len, text.width
+    return text.depth * (2 * length * (4 * d * d + 2 * d * text.mlp_dim) + 4 * length * length * d)
+
+
+def head_flops(width: int, head: DinoHeadConfig) -> float:
+    dims = [width] + [head.hidden] * (head.layers - 1) + [head.bottleneck]
+    return 2 * (sum(a * b for a, b in zip(dims, dims[1:])) + head.bottleneck * head.prototypes)
+
+
+def flops_per_example(cfg: Config, teacher: VisionConfig | None = None) -> float:
+    """Training FLOPs per image and step (an estimate counting matmuls only): 3 x forward for the student
+    (forward + backward), 1 x forward for the teacher (`teacher`: its vision config; None = the student's)."""
+    crops = cfg.data.crops
+    model = model_config_of(cfg)
+    head = cfg.task.head
+    n_global = (crops.global_size // model.vision.patch_size) ** 2
+    student = (vision_flops(model.vision, crops.global_size)
+               + crops.local_crops * vision_flops(model.vision, crops.local_size) + 2 * text_flops(model.text)
+               + (n_global + crops.local_crops) * head_flops(model.vision.width, head))
+    teacher = teacher or model.vision
+    return 3 * student + vision_flops(teacher, crops.global_size) + (n_global + 1) * head_flops(teacher.width, head)
+
+
+def peak_flops(device: torch.device, precision: Precision) -> float:
+    """Peak FLOP/s of one worker's device: TIPSV2_PEAK_FLOPS, a known GPU, or a timed CPU matmul."""
+    if os.environ.get("TIPSV2_PEAK_FLOPS"):
+        return float(os.environ["TIPSV2_PEAK_FLOPS"])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return value if precision != Precision.FP32 else value / 2
+        return float("nan")
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    (a @ b).sum().item()
+    start = time.perf_counter()
+    for _ in range(4):
+        (a @ b).sum().item()
+    return 4 * 2 * 1024 ** 3 / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(cfg: Config, *, world: int) -> dict:
+    engine = cfg.engine
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": engine.grad_accum,
+        "train_batch_size": cfg.data.batch_size * engine.grad_accum * world,
+        "gradient_clipping": float(cfg.optim.clip_grad),
+        "zero_optimization": {"stage": engine.zero_stage},
+        "bf16": {"enabled": engine.precision == Precision.BF16},
+        "fp16": {"enabled": engine.precision == Precision.FP16, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,     # torch AdamW with per-group lr_scale
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-gather, concatenated in rank order: (B_local, ...) -> (B_local * world, ...)."""
+    import torch.distributed.nn.functional as dist_nn
+    return torch.cat(dist_nn.all_gather(x), dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def gathered_factory(stage: int) -> Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]:
+    """ZeRO-3 partitions every parameter: the EMA update needs them whole, and rank 0's result is kept."""
+    if stage != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+    return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def whole_parameters(stage: int, params: list[nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Read-only gather of partitioned parameters (a no-op below ZeRO-3); a collective: call on every rank."""
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def broadcast_scalars_safely() -> None:
+    """Work around DeepSpeed 0.19's initial broadcasts, which view every parameter as bytes and fail on
+    0-dim ones (TIPSModel.log_temperature): the engine's (ZeRO 0-2) and ZeRO-3's partitioning broadcast
+    such a parameter through a 1-element view of the same storage instead. Shapes are unchanged."""
+    import deepspeed.comm as ds_dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    if getattr(DeepSpeedEngine._broadcast_model, "tipsv2_scalar_safe", False):
+        return
+    engine_broadcast, zero_init_param = DeepSpeedEngine._broadcast_model, Init._zero_init_param
+
+    def broadcast_model(engine) -> None:
+        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            engine_broadcast(engine)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    def init_param(init, param) -> None:
+        if param.dim() != 0:
+            return zero_init_param(init, param)
+        init._convert_to_deepspeed_param(param)
+        group = init.get_partition_dp_group(param)
+        source = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
+        ds_dist.broadcast(param.data.reshape(1).view(torch.uint8), source, group)
+        param.partition()
+
+    broadcast_model.tipsv2_scalar_safe = True
+    DeepSpeedEngine._broadcast_model = broadcast_model
+    Init._zero_init_param = init_param
+
+
+def register_external_parameters(task: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters when its forward runs; TIPSModel's own parameters
+    (log_temperature) are read through a property instead, so they are declared to the task."""
+    import deepspeed
+    for module in task.modules():
+        if isinstance(module, TIPSModel):
+            for param in module.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(task, param)
+
+
+def set_learning_rates(optimizer, lr: float, scales: list[float]) -> None:
+    groups = optimizer.param_groups
+    if len(groups) != len(scales):
+        raise RuntimeError(f"the engine's optimizer has {len(groups)} param groups, expected {len(scales)}")
+    for group, scale in zip(groups, scales):
+        group["lr"] = lr * scale
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state().tolist(),
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def teacher_tensors(task: nn.Module, stage: int) -> dict[str, torch.Tensor]:
+    """EMA teacher parameters and every buffer, whole and on CPU (a collective under ZeRO-3)."""
+    names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
+    params = [p for module in ema_modules(task) for p in module.parameters()]
+    with whole_parameters(stage, params):
+        state = {names[id(p)]: p.detach().float().cpu().clone() for p in params}
+    state |= {f"buffer.{n}": b.detach().float().cpu().clone() for n, b in task.named_buffers()}
+    return state
+
+
+def load_teacher_tensors(task: nn.Module, state: dict[str, torch.Tensor], stage: int) -> None:
+    named = dict(task.named_parameters(remove_duplicate=False))
+    params = [named[n] for n in state if not n.startswith("buffer.")]
+    buffers = dict(task.named_buffers())
+    with torch.no_grad():
+        with gathered_factory(stage)(params):
+            for name, value in state.items():
+                if not name.startswith("buffer."):
+                    named[name].data.copy_(value.to(named[name].dtype))
+        for name, value in state.items():
+            if name.startswith("buffer."):
+                target = buffers[name[len("buffer."):]]
+                target.copy_(value.to(target.dtype))
+
+
+def latest_checkpoint(output: str) -> str | None:
+    """URI of the newest complete checkpoint under <output>/ray/<run> (highest step), or None."""
+    marks = storage.list_files(storage.join(output, "ray", RUN_NAME), suffixes=(TRAINER_STATE,))
+    best, best_step = None, -1
+    for mark in marks:
+        directory = mark[: -len(TRAINER_STATE) - 1]
+        step = int(storage.read_json(mark)["step"])
+        if step > best_step:
+            best, best_step = directory, step
+    return best
+
+
+def read_trainer_state(checkpoint_dir: str) -> TrainerState:
+    raw = storage.read_json(storage.join(checkpoint_dir, TRAINER_STATE))
+    return TrainerState(step=raw["step"], epoch=raw["epoch"], run_id=raw.get("run_id"), history=raw["history"])
+
+
+def write_history(output: str, history: list[dict[str, float]]) -> None:
+    storage.write_bytes(storage.join(output, HISTORY_FILE), "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+def read_history(output: str) -> list[dict[str, float]]:
+    uri = storage.join(output, HISTORY_FILE)
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line]
+
+
+# ---------------------------------------------------------------- the worker
+
+
+class Worker:
+    """One Ray Train rank: engine, data stream, state; `run()` trains to cfg.steps."""
+
+    def __init__(self, plan: Plan) -> None:
+        import ray.train
+
+        self.plan, self.cfg = plan, plan.cfg
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = self._init_distributed()
+        import deepspeed
+
+        multi = self.world > 1
+        self.task = build_task(plan.job, self.cfg, gather=all_gather_cat if multi else None,
+                               reduce_mean=all_reduce_mean if multi else None,
+                               reduce_sum=all_reduce_sum if multi else None, rank=self.rank)
+        self.head_parts = export_parts(self.task, self.cfg)[3]
+        self.stage = self.cfg.engine.zero_stage
+        groups = param_groups(self.task.trainable_parameters(), self.cfg.optim, depth=model_config_of(self.cfg).vision.depth)
+        self.scales = [g["lr_scale"] for g in groups]
+        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
+                                      lr=self.cfg.optim.lr, betas=self.cfg.optim.betas)
+        broadcast_scalars_safely()
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.task, optimizer=optimizer, config=deepspeed_config(self.cfg, world=self.world),
+            dist_init_required=False)
+        if self.stage == 3:
+            register_external_parameters(self.task)
+        self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.cfg.engine.precision,
+                                                                                        torch.float32)
+        self.state = TrainerState(run_id=plan.run_id)
+        self.sink: MetricsSink = NullSink()
+        self.flops = flops_per_example(self.cfg, teacher_vision(self.task))
+        self.peak = peak_flops(self.device, self.cfg.engine.precision) if self.rank == 0 else float("nan")
+
+    def _init_distributed(self) -> torch.device:
+        import ray.train.torch
+
+        if self.cfg.engine.use_gpu:
+            device = ray.train.torch.get_device()
+            torch.cuda.set_device(device)
+        else:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            device = torch.device("cpu")
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="nccl" if self.cfg.engine.use_gpu else "gloo")
+        return device
+
+    # -- state ------------------------------------------------------------------------------------
+    def restore(self, checkpoint) -> None:
+        with checkpoint.as_directory() as directory:
+            root = Path(directory)
+            rng = root / f"rng_rank{self.rank}.json"
+            if not rng.is_file():
+                raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {self.rank}: it was written "
+                                   f"by another number of workers; resume with the same engine.workers")
+            self.engine.load_checkpoint(str(root), tag=DS_TAG, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False, load_module_strict=True)
+            from safetensors.torch import load_file
+            load_teacher_tensors(self.task, load_file(str(root / TEACHER_STATE)), self.stage)
+            set_rng_state(json.loads(rng.read_text()))
+            raw = json.loads((root / TRAINER_STATE).read_text())
+        self.state = TrainerState(step=raw["step"], epoch=raw["epoch"], run_id=raw.get("run_id") or self.plan.run_id,
+                                  history=raw["history"])
+
+    def save(self, metrics: dict[str, float]) -> None:
+        import ray.train
+        from safetensors.torch import save_file
+
+        directory = Path(tempfile.mkdtemp(prefix="tipsv2-ckpt-"))
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        teacher = teacher_tensors(self.task, self.stage)
+        (directory / f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
+        if self.rank == 0:
+            save_file(teacher, str(directory / TEACHER_STATE))
+            (directory / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(self.state)))
+            write_history(self.plan.output, self.state.history)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=f"step_{self.state.step:08d}")
+        shutil.rmtree(directory, ignore_errors=True)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def stream(self) -> data.RankStream:
+        cfg = self.cfg
+        masking = cfg.data.masking if self.plan.job == Job.PRETRAIN else None
+        spec = data.StreamSpec(batch_size=cfg.data.batch_size, seed=cfg.seed, crops=cfg.data.crops,
+                               captions=cfg.data.captions, masking=masking,
+                               patch_size=model_config_of(cfg).vision.patch_size)
+        tokenizer = Tokenizer(local_copy(self.plan.tokenizer), max_len=model_config_of(cfg).text.max_len)
+        return data.RankStream(self.plan.source, ids=self.plan.ids, texts_ref=self.plan.texts_ref, spec=spec,
+                               tokenizer=tokenizer, rank=self.rank, world=self.world,
+                               start_micro=self.state.step * cfg.engine.grad_accum)
+
+    def to_device(self, batch):
+        batch = batch.to(self.device)
+        if self.dtype == torch.float32:
+            return batch
+        floats = {f.name: getattr(batch, f.name).to(self.dtype) for f in dataclasses.fields(batch)
+                  if isinstance(getattr(batch, f.name), torch.Tensor) and getattr(batch, f.name).is_floating_point()}
+        return dataclasses.replace(batch, **floats)
+
+    def nonfinite_terms(self, losses: dict[str, torch.Tensor]) -> list[str]:
+        """Names of loss terms that are not finite on any rank (the same list on every rank)."""
+        import torch.distributed as dist
+
+        names = sorted(k for k in losses if k.startswith("loss/"))
+        bad = torch.tensor([0.0 if torch.isfinite(losses[k].detach().float()).all() else 1.0 for k in names])
+        if self.world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return [n for n, b in zip(names, bad.tolist()) if b > 0]
+
+    def global_scalars(self, rows: list[dict[str, float]]) -> dict[str, float]:
+        """Mean over micro-batches and ranks of every logged scalar."""
+        import torch.distributed as dist
+
+        keys = sorted(rows[0])
+        values = torch.tensor([sum(r[k] for r in rows) / len(rows) for k in keys], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(values)
+            values /= self.world
+        return dict(zip(keys, values.tolist()))
+
+    def maybe_fail(self, step: int) -> None:
+        knob = self.plan.knobs.fail_at_step
+        if knob != step or self.rank != self.world - 1:
+            return
+        marker = storage.join(self.plan.output, f"_failed_once_at_{step}")
+        if storage.exists(marker):
+            return
+        storage.write_bytes(marker, b"")
+        os._exit(1)
+
+    def step(self, step: int, stream: data.RankStream) -> dict[str, float] | str:
+        """One optimiser step over grad_accum micro-batches; the metrics row, or a non-finite message."""
+        cfg = self.cfg
+        lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
+        set_learning_rates(self.optimizer, lr, self.scales)
+        start = time.perf_counter()
+        rows = []
+        for _ in range(cfg.engine.grad_accum):
+            epoch, batch = next(stream)
+            losses = self.engine(self.to_device(batch), step)
+            if self.plan.knobs.nan_at_step == step:
+                losses["loss/total"] = losses["loss/total"] * float("nan")
+            bad = self.nonfinite_terms(losses)
+            if bad:
+                values = {k: float(losses[k].detach().float()) for k in bad}
+                return (f"non-finite loss at step {step} in {bad} (this rank: {values}); the step was not applied "
+                        f"and the last checkpoint is the last good state (lower optim.lr, raise "
+                        f"optim.warmup_steps, or check the input batch)")
+            self.engine.backward(losses["loss/total"])
+            self.engine.step()
+            rows.append(scalars(losses))
+        momentum = self.task.update_teacher(step=step, total_steps=cfg.steps, gathered=gathered_factory(self.stage))
+        row = self.global_scalars(rows)
+        seconds = time.perf_counter() - start
+        images = cfg.data.batch_size * cfg.engine.grad_accum * self.world
+        row |= {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step,
+                "images_per_s": images / seconds,
+                "mfu": self.flops * images / seconds / (self.peak * self.world)}
+        self.state.epoch = epoch
+        return row
+
+    def run(self) -> dict[str, Any]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        if self.rank == 0:
+            self.sink = open_sink(self.cfg.tracking, output_root=self.plan.output, run_id=self.state.run_id)
+        stream = self.stream()
+        try:
+            for step in range(self.state.step, self.cfg.steps):
+                self.maybe_fail(step)
+                row = self.step(step, stream)
+                if isinstance(row, str):
+                    ray.train.report({"nonfinite": row, "step": step})
+                    return {"nonfinite": row}
+                self.state.history.append(row)
+                self.state.step = step + 1
+                if step % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
+                    self.sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                if self.state.step % self.cfg.engine.checkpoint_every == 0 or self.state.step == self.cfg.steps:
+                    self.save({"step": self.state.step, **{k: v for k, v in row.items() if k.startswith("loss/")}})
+        finally:
+            stream.close()
+        self.export()
+        return {}
+
+    def export(self) -> None:
+        """Gather the weights (ZeRO-3), then rank 0 writes <output>/export and logs the artifacts."""
+        model, dino_head, patch_head, head_cfg = export_parts(self.task, self.cfg)
+        params = list(model.parameters()) + list(dino_head.parameters()) + list(patch_head.parameters())
+        with whole_parameters(self.stage, params):
+            if self.rank == 0:
+                copies = cpu_copies(model, dino_head, patch_head, head_cfg)
+        if self.rank == 0:
+            tokenizer = Tokenizer(local_copy(self.plan.tokenizer), max_len=model.cfg.text.max_len)
+            write_export(self.plan.output, *copies, head_cfg=head_cfg, sink=self.sink, tokenizer=tokenizer,
+                         source=self.plan.source, image_size=self.cfg.data.crops.global_size)
+            self.sink.close()
+
+
+def cpu_copies(model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead,
+               head_cfg: DinoHeadConfig) -> tuple[TIPSModel, DinoHead, DinoHead]:
+    """Fresh float32 CPU modules holding the (gathered) weights of the engine's modules."""
+    fresh_model = TIPSModel(model.cfg)
+    load_strict(fresh_model, {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
+                source="the trained model")
+    heads = []
+    for head in (dino_head, patch_head):
+        fresh = DinoHead(fresh_model.width, head_cfg)
+        load_strict(fresh, {k: v.detach().float().cpu() for k, v in head.state_dict().items()}, source="a head")
+        heads.append(fresh)
+    return fresh_model, heads[0], heads[1]
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's per-worker entry."""
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    Worker(config["plan"]).run()
+
+
+# ---------------------------------------------------------------- export and heatmaps (rank 0 / local)
+
+
+def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead, *,
+                 head_cfg: DinoHeadConfig, sink: MetricsSink, tokenizer: Tokenizer, source: data.Source,
+                 image_size: int) -> str:
+    """<output>/export: model.safetensors + config.json + heads, the official .npz pair, heatmap PNGs."""
+    with tempfile.TemporaryDirectory(prefix="tipsv2-export-") as tmp:
+        root = Path(tmp) / EXPORT_DIR
+        save_export(root, model=model, dino_head=dino_head, patch_head=patch_head, head_cfg=head_cfg)
+        export_official(model, root / "official_vision.npz", root / "official_text.npz")
+        heatmaps = Path(tmp) / "heatmaps"
+        heatmaps.mkdir()
+        for index, record in enumerate(data.read_validation(source, HEATMAP_IMAGES)):
+            plot_heatmap(model, tokenizer, record, image_size=image_size, path=heatmaps / f"heatmap_{index}.png")
+        target = storage.join(output, EXPORT_DIR)
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                storage.write_bytes(storage.join(target, str(path.relative_to(root))), path.read_bytes())
+        for path in sorted(heatmaps.iterdir()):
+            storage.write_bytes(storage.join(output, "heatmaps", path.name), path.read_bytes())
+        sink.log_artifact(root, EXPORT_DIR)
+        sink.log_artifact(heatmaps, "heatmaps")
+    return target
+
+
+@torch.no_grad()
+def patch_text_similarity(model: TIPSModel, tokenizer: Tokenizer, image: torch.Tensor,
+                          texts: list[str]) -> torch.Tensor:
+    """Cosine similarity of every (dense, MaskCLIP) patch embedding with each text: (T, h, w)."""
+    model.eval()
+    feats = model.encode_image(image[None], dense=True)
+    patches = torch.nn.functional.normalize(feats.patches[0], dim=-1)      # (N, D)
+    ids, paddings = tokenizer(texts)
+    text = torch.nn.functional.normalize(model.encode_text(ids, paddings), dim=-1)  # (T, D)
+    side = image.shape[-1] // model.patch_size
+    return (text @ patches.T).reshape(len(texts), side, side)
+
+
+def plot_heatmap(model: TIPSModel, tokenizer: Tokenizer, record, *, image_size: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tipsv2.data.batch import decode_image
+    from tipsv2.eval.features import resize_center_crop, to_tensor
+
+    image = resize_center_crop(decode_image(record.image, example_id=record.id), image_size)
+    texts = [t.strip() for t in (record.alt_text or "an object").split(",") if t.strip()][:3]
+    maps = patch_text_similarity(model, tokenizer, to_tensor(image), texts)
+    figure, axes = plt.subplots(1, 1 + len(texts), figsize=(3 * (1 + len(texts)), 3))
+    axes[0].imshow(image)
+    axes[0].set_title(record.id[:12])
+    for axis, text, values in zip(axes[1:], texts, maps):
+        axis.imshow(image)
+        axis.imshow(values.numpy(), cmap="jet", alpha=0.5, extent=(0, image_size, image_size, 0),
+                    interpolation="bilinear")
+        axis.set_title(text[:30])
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def prepare_tokenizer(cfg: Config, output: str, texts) -> str:
+    """URI of the SentencePiece model: the configured one, or one trained on the texts once per output."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    uri = storage.join(output, "tokenizer", "spm.model")
+    if not storage.exists(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = train_tokenizer(data.texts_for_tokenizer(texts), vocab_size=cfg.data.tokenizer_vocab,
+                                   out_path=Path(tmp) / "spm.model")
+            storage.write_bytes(uri, Path(path).read_bytes())
+    return uri
+
+
+def local_ray_cpus(cfg: Config) -> int:
+    """Logical CPUs for a local Ray: the workers plus room for Ray Data (2 deadlocks with Data + Train)."""
+    return max(4, math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 2)
+
+
+def fit(plan: Plan, resume_from: str | None):
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.resources import RESOURCE_REQUESTS, Stage
+
+    engine = plan.cfg.engine
+    if engine.use_gpu:
+        resources = dict(RESOURCE_REQUESTS[Stage.PRETRAIN if plan.job == Job.PRETRAIN else Stage.DISTILL])
+    else:
+        resources = {"CPU": engine.cpus_per_worker}
+    fs, path = storage.filesystem(storage.join(plan.output, "ray"))
+    resume = None
+    if resume_from is not None:
+        resume_fs, resume_path = storage.filesystem(resume_from)
+        resume = ray.train.Checkpoint(resume_path, filesystem=resume_fs)
+    trainer = TorchTrainer(
+        train_worker, train_loop_config={"plan": plan},
+        torch_config=TorchConfig(backend="nccl" if engine.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=engine.workers, use_gpu=engine.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=engine.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=engine.keep_checkpoints)),
+        resume_from_checkpoint=resume)
+    return trainer.fit()
+
+
+def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs | None = None) -> dict[str, Any]:
+    """Train `cfg` into `output` (local path or s3://); resumes or skips a previous run there."""
+    clock = cli.Stopwatch()
+    summary_uri = storage.join(output, cli.SUMMARY_FILE)
+    if storage.exists(summary_uri):
+        previous = storage.read_json(summary_uri)
+        if previous.get("complete") and previous.get("config") == config_tree.to_dict(cfg):
+            print(f"{job.value}: {output} already holds a finished run of this config; nothing to do")
+            return previous
+    cli.write_resolved_config(output, cfg)
+    source = data.prepare_source(cfg.data, output)
+    texts = data.read_texts(source)
+    tokenizer = prepare_tokenizer(cfg, output, texts)
+    resume_from = None if local else latest_checkpoint(output)
+    run_id = read_trainer_state(resume_from).run_id if resume_from else None
+    sink = open_sink(cfg.tracking, output_root=output, run_id=run_id)
+    if run_id is None:
+        sink.log_params(config_tree.to_dict(cfg))
+        sink.set_tags({"tipsv2.job": job.value, "tipsv2.output": output, "tipsv2.engine": "local" if local else "ray"})
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / cli.CONFIG_FILE
+            path.write_text(json.dumps(config_tree.to_dict(cfg), indent=2, default=str))
+            sink.log_artifact(path)
+    try:
+        if local:
+            history = train_here(job, cfg, output=output, source=source, texts=texts, tokenizer=tokenizer, sink=sink)
+        else:
+            history = train_distributed(job, cfg, output=output, source=source, texts=texts, tokenizer=tokenizer,
+                                        run_id=sink.run_id, resume_from=resume_from, knobs=knobs or Knobs.from_env())
+    except BaseException:
+        sink.close("FAILED")
+        raise
+    summary = {"job": job.value, "complete": True, "config": config_tree.to_dict(cfg), "engine": "local" if local else "ray",
+               "read": dataclasses.asdict(source), "rows": len(texts), "steps": len(history),
+               "final": {k: v for k, v in history[-1].items() if k.startswith("loss/")} if history else {},
+               "written": {"export": storage.join(output, EXPORT_DIR), "history": storage.join(output, HISTORY_FILE),
+                           "checkpoints": storage.join(output, "ray", RUN_NAME)},
+               "mlflow_run_id": sink.run_id, "wall_s": clock.seconds()}
+    cli.write_summary(output, summary)
+    sink.close()
+    return summary
+
+
+def train_distributed(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,
+                      run_id: str | None, resume_from: str | None, knobs: Knobs) -> list[dict[str, float]]:
+    import ray
+
+    cli.init_ray(local_ray_cpus(cfg))
+    plan = Plan(job=job, cfg=cfg, output=output, source=source, ids=texts.column("id").to_pylist(),
+                texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id, knobs=knobs)
+    result = fit(plan, resume_from)
+    message = (result.metrics or {}).get("nonfinite")
+    if message:
+        raise NonFiniteLoss(message)
+    return read_history(output)
+
+
+# ---------------------------------------------------------------- one process, no Ray (--local)
+
+
+def local_stream(records, *, cfg: Config, tokenizer: Tokenizer, masked: bool):
+    """(epoch, Batch) in the order of tipsv2.loop.batches: the single-process reference order."""
+    from tipsv2.data.batch import collate, make_example
+
+    epoch = 0
+    while True:
+        positions = data.rank_positions(len(records), seed=cfg.seed, epoch=epoch, rank=0, world=1,
+                                        batch_size=cfg.data.batch_size)
+        order = sorted(positions, key=positions.get)
+        for start in range(0, len(order), cfg.data.batch_size):
+            rows = [records[i] for i in order[start:start + cfg.data.batch_size]]
+            examples = [make_example(r.image, example_id=r.id, alt_text=r.alt_text, captions=r.captions, epoch=epoch,
+                                     crop_cfg=cfg.data.crops, caption_cfg=cfg.data.captions) for r in rows]
+            yield epoch, collate(examples, tokenizer=tokenizer, masking_cfg=cfg.data.masking if masked else None,
+                                 patch_size=model_config_of(cfg).vision.patch_size)
+        epoch += 1
+
+
+def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
+                     on_step: Callable[[int, dict[str, float]], None]) -> nn.Module:
+    """The plain loop of tipsv2.loop.train_local for any task (pretraining calls train_local itself)."""
+    from tipsv2.loop import check_finite, train_local
+    from tipsv2.optim import build_optimizer, set_learning_rate
+
+    if job == Job.PRETRAIN:
+        return train_local(cfg, records=records, tokenizer=tokenizer, on_step=on_step).task
+    task = build_task(job, cfg)
+    groups = param_groups(task.trainable_parameters(), cfg.optim, depth=model_config_of(cfg).vision.depth)
+    optimizer = build_optimizer(groups, cfg.optim)
+    stream = local_stream(records, cfg=cfg, tokenizer=tokenizer, masked=False)
+    for step in range(cfg.steps):
+        epoch, batch = next(stream)
+        lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
+        set_learning_rate(optimizer, lr)
+        losses = task(batch, step)
+        check_finite(losses, step)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss/total"].backward()
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.clip_grad)
+        optimizer.step()
+        momentum = task.update_teacher(step=step, total_steps=cfg.steps)
+        on_step(step, scalars(losses) | {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step})
+    return task
+
+
+def train_here(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,
+               sink: MetricsSink) -> list[dict[str, float]]:
+    """--local: train in this process, log to the sink, export like rank 0 does."""
+    tok = Tokenizer(local_copy(tokenizer), max_len=model_config_of(cfg).text.max_len)
+    records = data.read_records(source, texts)
+    history: list[dict[str, float]] = []
+    flops = flops_per_example(cfg)
+    peak = peak_flops(torch.device("cpu"), Precision.FP32)
+    last = [time.perf_counter()]
+
+    def on_step(step: int, row: dict[str, float]) -> None:
+        now = time.perf_counter()
+        seconds, last[0] = now - last[0], now
+        row = row | {"images_per_s": cfg.data.batch_size / seconds, "mfu": flops * cfg.data.batch_size / seconds / peak}
+        history.append(row)
+        if step % cfg.log_every == 0 or step + 1 == cfg.steps:
+            sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    task = train_local_task(job, cfg, records=records, tokenizer=tok, on_step=on_step)
+    model, dino_head, patch_head, head_cfg = export_parts(task, cfg)
+    write_export(output, model, dino_head, patch_head, head_cfg=head_cfg, sink=sink, tokenizer=tok, source=source,
+                 image_size=cfg.data.crops.global_size)
+    write_history(output, history)
+    return history
