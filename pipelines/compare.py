@@ -32,9 +32,10 @@ class RunRow:
     final: dict[str, float]         # last logged value of every metric
 
 
-def differing_params(rows: list[RunRow]) -> list[str]:
-    """Config keys whose value is not the same in every run (missing counts as a value)."""
-    keys = sorted({k for r in rows for k in r.params})
+def differing_params(rows: list[RunRow], prefixes: list[str] | None = None) -> list[str]:
+    """Config keys whose value is not the same in every run (missing counts as a value), optionally
+    only those starting with one of `prefixes`."""
+    keys = sorted({k for r in rows for k in r.params if prefixes is None or k.startswith(tuple(prefixes))})
     return [k for k in keys if len({r.params.get(k) for r in rows}) > 1]
 
 
@@ -89,13 +90,14 @@ def plot(client, rows: list[RunRow], metric: str, path: Path) -> bool:
 
 
 def run(*, experiment: str, output: str, run_ids: list[str] | None = None,
-        metrics: list[str] | None = None, tracking_uri: str | None = None) -> dict:
+        metrics: list[str] | None = None, param_prefixes: list[str] | None = None,
+        tracking_uri: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
     rows = fetch(client, experiment, run_ids)
     metrics = list(metrics or [m for m in DEFAULT_METRICS if any(m in r.final for r in rows)])
-    params = differing_params(rows)
+    params = differing_params(rows, param_prefixes)
     lines = table(rows, params, metrics)
     local = Path(output) if not storage.is_s3(output) else Path(os.environ.get("TMPDIR", "/tmp")) / "tipsv2-compare"
     local.mkdir(parents=True, exist_ok=True)
@@ -127,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", nargs="*", default=None, help="run ids (default: every run of the experiment)")
     parser.add_argument("--metrics", nargs="*", default=None, help=f"default: those of {DEFAULT_METRICS} logged")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--params", nargs="*", default=None, metavar="PREFIX",
+                        help="only config keys starting with these (default: every key that differs)")
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     args = parser.parse_args(argv)
     result = run(experiment=args.experiment, output=args.output, run_ids=args.runs, metrics=args.metrics,
-                 tracking_uri=args.tracking_uri)
+                 param_prefixes=args.params, tracking_uri=args.tracking_uri)
     print(markdown(result["table"]))
     print(f"wrote {', '.join(result['files'])} to {args.output}; MLflow run {result['compare_run_id']}")
 

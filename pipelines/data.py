@@ -47,6 +47,7 @@ CAPTION_COLUMNS = [caption_column(g) for g in Granularity]
 PREFETCH_BATCHES = 4         # decoded batches buffered ahead of the trainer, per rank
 SORT_ROWS_PER_PARTITION = 4096   # rows per reduce task of the per-epoch sort
 DECODE_CPUS = 0.5            # Ray CPUs per decode task (crops are light next to a training step)
+LIGHT_CPUS = 0.25            # Ray CPUs per read / select task (I/O and filtering)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -246,8 +247,9 @@ def epoch_dataset(source: Source, *, ids: Sequence[str], texts_ref, spec: Stream
     fs, path = storage.filesystem(source.images)
     wanted = {ids[i]: p for i, p in rank_positions(len(ids), seed=spec.seed, epoch=epoch, rank=rank, world=world,
                                                    batch_size=spec.batch_size, start_batch=start_batch).items()}
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "image"])
-    ds = ds.map_batches(_select, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", batch_size=None)
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "image"], num_cpus=LIGHT_CPUS)
+    ds = ds.map_batches(_select, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", batch_size=None,
+                        num_cpus=LIGHT_CPUS)
     ds = ds.sort("position", boundaries=sort_boundaries(sorted(wanted.values())))
     return ds.map_batches(_decode, fn_kwargs={"texts_ref": texts_ref, "spec": spec, "epoch": epoch},
                           batch_format="pyarrow", batch_size=spec.batch_size, num_cpus=DECODE_CPUS)
@@ -301,8 +303,8 @@ class _EpochFeed:
 class RankStream:
     """Endless (epoch, Batch) micro-batches of one rank, from micro-batch `start_micro` of the run.
 
-    The next epoch's Ray Data pipeline starts as soon as the current one does, so an epoch boundary
-    does not stall training on the pipeline's start-up.
+    The next epoch's Ray Data pipeline starts once half of the current epoch has been consumed, so an
+    epoch boundary does not stall training on the pipeline's start-up (and short runs never start it).
     """
 
     def __init__(self, source: Source, *, ids: Sequence[str], texts_ref, spec: StreamSpec, tokenizer, rank: int,
@@ -317,8 +319,9 @@ class RankStream:
         self.per_epoch = micro_batches_per_epoch(len(ids), batch_size=spec.batch_size, world=world)
         self.epoch, start_batch = divmod(start_micro, self.per_epoch)
         self.current = self._feed(self.epoch, start_batch)
-        self.next = self._feed(self.epoch + 1, 0)
+        self.next: _EpochFeed | None = None
         self.iterator = iter(self.current)
+        self.left = self.per_epoch - start_batch   # batches of the current epoch not yet consumed
 
     def _feed(self, epoch: int, start_batch: int) -> _EpochFeed:
         dataset = epoch_dataset(self.source, ids=self.ids, texts_ref=self.texts_ref, spec=self.spec, epoch=epoch,
@@ -329,13 +332,18 @@ class RankStream:
         return self
 
     def __next__(self) -> tuple[int, Batch]:
+        if self.next is None and self.left <= self.per_epoch // 2:
+            self.next = self._feed(self.epoch + 1, 0)
         for batch in self.iterator:
+            self.left -= 1
             return self.epoch, batch
         self.epoch += 1
-        self.current, self.next = self.next, self._feed(self.epoch + 1, 0)
+        self.current = self.next or self._feed(self.epoch, 0)
+        self.next, self.left = None, self.per_epoch
         self.iterator = iter(self.current)
         return next(self)
 
     def close(self) -> None:
-        self.current.close()
-        self.next.close()
+        for feed in (self.current, self.next):
+            if feed is not None:
+                feed.close()

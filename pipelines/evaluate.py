@@ -170,6 +170,19 @@ def tracking_configured(cfg: EvaluateConfig) -> bool:
     return bool(cfg.run_id or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
 
 
+def require_run(uri: str, run_id: str) -> None:
+    """Fail before any work when the run to log into cannot be read (wrong id, wrong or unreachable URI)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # as MlflowSink: fail fast, not after minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=uri).get_run(run_id)
+    except Exception as err:  # MLflow raises its own exception types
+        raise ValueError(f"cannot open MLflow run {run_id!r} at the configured tracking URI "
+                         f"(--tracking-uri or MLFLOW_TRACKING_URI): {type(err).__name__}: {str(err)[:300]}") from err
+
+
 def open_tracking(cfg: EvaluateConfig, output: str) -> MetricsSink:
     """The run the metrics go to; fails before any work when `run_id` cannot be reached."""
     if not tracking_configured(cfg):
@@ -177,11 +190,9 @@ def open_tracking(cfg: EvaluateConfig, output: str) -> MetricsSink:
     local_root = None if storage.is_s3(output) else output
     tracking = dataclasses.replace(cfg.tracking, uri=cfg.tracking.uri or default_uri(local_root),
                                    run_name=cfg.tracking.run_name or f"eval-{cfg.suite}")
-    try:
-        sink = open_sink(tracking, output_root=local_root, run_id=cfg.run_id)
-    except Exception as err:  # MLflow raises its own exception types
-        raise ValueError(f"cannot open MLflow run {cfg.run_id!r} at the configured tracking URI "
-                         f"(--tracking-uri or MLFLOW_TRACKING_URI): {type(err).__name__}: {str(err)[:300]}") from err
+    if cfg.run_id is not None:
+        require_run(tracking.uri, cfg.run_id)
+    sink = open_sink(tracking, output_root=local_root, run_id=cfg.run_id)
     if cfg.run_id is None:
         sink.log_params(config_tree.to_dict(cfg))
     else:   # an existing run's params cannot change: record what was evaluated as tags

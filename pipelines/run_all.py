@@ -25,6 +25,8 @@ from tipsv2 import config_tree
 from tipsv2.configs import DistillConfig, PretrainConfig, TrackingConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig
 
+REPORT_METRICS = ("zero_shot_segmentation/miou", "retrieval/cls2/i2t_r1", "retrieval/cls2/t2i_r1",
+                  "zero_shot_classification/cls1/top1", "linear_segmentation/miou", "linear_depth/rmse", "knn/cls1/top1")
 STEPS = ("source", "ingest", "caption", "tokenizer", "pretrain", "distill", "evaluate", "report")
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "horse", "cat", "camera", "moon")
 
@@ -257,10 +259,10 @@ def build_report(output: str) -> dict[str, Any]:
         models, tokenizer, scenes, out / "patch_text_heatmaps.png").name
     evaluation = {name: storage.read_json(str(Path(output) / "evaluate" / name / "summary.json"))["metrics"]
                   for name in models}
-    keys = [k for k in ("zero_shot_seg/miou", "retrieval/cls2/i2t_r1", "retrieval/cls2/t2i_r1",
-                        "classification/cls1/top1", "probe_seg/miou", "probe_depth/rmse")
-            if any(k in r for r in evaluation.values())] or sorted(next(iter(evaluation.values())))[:6]
+    keys = [k for k in REPORT_METRICS if any(k in r for r in evaluation.values())]
     cmp = compare.run(experiment=resolved["tracking"]["experiment"], output=str(out / "comparison"),
+                      run_ids=[s["mlflow_run_id"] for s in summary.values()], param_prefixes=["steps", "task.patch.kind",
+                                                                                          "task.teacher.mode", "teacher"],
                       tracking_uri=client.tracking_uri)
     tables = {"Evaluation (synthetic scenes, held-out split)": report.metrics_table(evaluation, keys),
               "MLflow comparison of the runs": compare.markdown(cmp["table"])}

@@ -24,7 +24,9 @@ from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|api[_-]?key|access[_-]?key|auth)", re.I)
+# "token" only as a whole name part: `session_token` is a secret, `max_tokens` and `tokenizer` are not.
+SECRET_KEY = re.compile(r"(secret|password|passwd|credential|api[_-]?key|access[_-]?key|auth(?!or)|"
+                        r"(^|[._-])token($|[._-]))", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@)")
 REDACTED = "***"
 PARENT_ENV = "TIPSV2_PARENT_RUN_ID"

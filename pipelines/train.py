@@ -330,6 +330,29 @@ def broadcast_scalars_safely() -> None:
     Init._zero_init_param = init_param
 
 
+def zero3_sees_dataclasses() -> None:
+    """ZeRO-3 re-gathers a module's parameters for backward through hooks on the tensors its forward
+    returns, found by walking tuples, lists and dicts only; VisionTransformer returns ImageFeatures, a
+    dataclass. Teach DeepSpeed 0.19's walk (used by parameter_offload) to go through dataclass fields."""
+    from deepspeed.runtime.zero import parameter_offload, utils
+
+    walk = utils.apply_to_tensors_only
+    if getattr(walk, "tipsv2_dataclasses", False):
+        return
+
+    def apply(function, value, warning_msg_fn=None):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.replace(value, **{f.name: apply(function, getattr(value, f.name), warning_msg_fn)
+                                                 for f in dataclasses.fields(value) if f.init})
+        if isinstance(value, (tuple, list)) and any(dataclasses.is_dataclass(v) for v in value):
+            return value.__class__(apply(function, v, warning_msg_fn) for v in value)
+        return walk(function, value, warning_msg_fn)
+
+    apply.tipsv2_dataclasses = True
+    utils.apply_to_tensors_only = apply
+    parameter_offload.apply_to_tensors_only = apply
+
+
 def register_external_parameters(task: nn.Module) -> None:
     """ZeRO-3 gathers a module's parameters when its forward runs; TIPSModel's own parameters
     (log_temperature) are read through a property instead, so they are declared to the task."""
@@ -439,13 +462,14 @@ class Worker:
         self.task = build_task(plan.job, self.cfg, gather=all_gather_cat if multi else None,
                                reduce_mean=all_reduce_mean if multi else None,
                                reduce_sum=all_reduce_sum if multi else None, rank=self.rank)
-        self.head_parts = export_parts(self.task, self.cfg)[3]
         self.stage = self.cfg.engine.zero_stage
         groups = param_groups(self.task.trainable_parameters(), self.cfg.optim, depth=model_config_of(self.cfg).vision.depth)
         self.scales = [g["lr_scale"] for g in groups]
         optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                       lr=self.cfg.optim.lr, betas=self.cfg.optim.betas)
         broadcast_scalars_safely()
+        if self.stage == 3:
+            zero3_sees_dataclasses()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.task, optimizer=optimizer, config=deepspeed_config(self.cfg, world=self.world),
             dist_init_required=False)
@@ -545,6 +569,13 @@ class Worker:
             values /= self.world
         return dict(zip(keys, values.tolist()))
 
+    def memory(self) -> dict[str, float]:
+        """Peak host memory of this worker, and of its GPU when it has one (MiB)."""
+        out = {"memory/peak_rss_mb": peak_rss_mb()}
+        if self.device.type == "cuda":
+            out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        return out
+
     def maybe_fail(self, step: int) -> None:
         knob = self.plan.knobs.fail_at_step
         if knob != step or self.rank != self.world - 1:
@@ -575,7 +606,7 @@ class Worker:
                         f"optim.warmup_steps, or check the input batch)")
             self.engine.backward(losses["loss/total"])
             self.engine.step()
-            rows.append(scalars(losses))
+            rows.append(scalars(losses) | self.memory())
         momentum = self.task.update_teacher(step=step, total_steps=cfg.steps, gathered=gathered_factory(self.stage))
         row = self.global_scalars(rows)
         seconds = time.perf_counter() - start
@@ -625,6 +656,12 @@ class Worker:
             write_export(self.plan.output, *copies, head_cfg=head_cfg, sink=self.sink, tokenizer=tokenizer,
                          source=self.plan.source, image_size=self.cfg.data.crops.global_size)
             self.sink.close()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB), Linux."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cpu_copies(model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead,
@@ -733,6 +770,22 @@ def local_ray_cpus(cfg: Config) -> int:
     return max(4, math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 2)
 
 
+def worker_resources(request: dict[str, float]) -> dict[str, float]:
+    """The production request per GPU rank, fitted to a local Ray this process started (one GPU machine):
+    there, accelerator pins the node does not advertise are dropped and CPUs capped at what it has."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return request
+    available = ray.cluster_resources()
+    fitted = {k: v for k, v in request.items() if k in ("CPU", "GPU") or k in available}
+    if "CPU" in fitted:
+        fitted["CPU"] = min(fitted["CPU"], max(1.0, available.get("CPU", 1.0) // max(1.0, available.get("GPU", 1.0))))
+    if fitted != request:
+        print(f"local Ray: per-worker request {request} fitted to this machine as {fitted}")
+    return fitted
+
+
 def fit(plan: Plan, resume_from: str | None):
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -742,7 +795,8 @@ def fit(plan: Plan, resume_from: str | None):
 
     engine = plan.cfg.engine
     if engine.use_gpu:
-        resources = dict(RESOURCE_REQUESTS[Stage.PRETRAIN if plan.job == Job.PRETRAIN else Stage.DISTILL])
+        resources = worker_resources(dict(RESOURCE_REQUESTS[Stage.PRETRAIN if plan.job == Job.PRETRAIN
+                                                            else Stage.DISTILL]))
     else:
         resources = {"CPU": engine.cpus_per_worker}
     fs, path = storage.filesystem(storage.join(plan.output, "ray"))
@@ -809,7 +863,7 @@ def train_distributed(job: Job, cfg: Config, *, output: str, source: data.Source
                       run_id: str | None, resume_from: str | None, knobs: Knobs) -> list[dict[str, float]]:
     import ray
 
-    cli.init_ray(local_ray_cpus(cfg))
+    cli.init_ray(0 if cfg.engine.use_gpu else local_ray_cpus(cfg))   # GPU machines: Ray counts the CPUs
     plan = Plan(job=job, cfg=cfg, output=output, source=source, ids=texts.column("id").to_pylist(),
                 texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id, knobs=knobs)
     result = fit(plan, resume_from)

@@ -49,3 +49,46 @@ def tiny_paligemma(tmp_path_factory) -> str:
     from pipelines.testing import build_tiny_paligemma
 
     return build_tiny_paligemma(tmp_path_factory.mktemp("tiny_paligemma") / "model")
+
+
+# ---------------------------------------------------------------- training (pipelines/train.py)
+
+# The tiny preset shrunk for tests: 32 synthetic scenes, 4 rows per worker x 2 workers, 4 steps.
+TRAIN_TEST_SETS = ("steps=4", "log_every=1", "data.batch_size=4", "data.synthetic.train_size=32",
+                   "data.synthetic.val_size=4", "data.synthetic.test_size=4", "engine.workers=2",
+                   "engine.cpus_per_worker=0.5", "engine.checkpoint_every=2")
+
+
+@pytest.fixture(scope="session")
+def train_cfg():
+    """Factory: `train_cfg("engine.zero_stage=3", ...)` -> the test PretrainConfig with those overrides."""
+    from tipsv2 import config_tree
+    from tipsv2.configs import tiny
+
+    def make(*sets: str, base=tiny):
+        cfg = base()
+        for assignment in (*TRAIN_TEST_SETS, *sets):
+            cfg = config_tree.override(cfg, assignment)
+        return cfg
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def train_local_reference(train_cfg, tmp_path_factory):
+    """The single-process loop (`--local`) on the same data with the global batch of 2 workers: 8 rows."""
+    from pipelines.train import Job, read_history, run
+
+    output = str(tmp_path_factory.mktemp("train_local_reference"))
+    run(Job.PRETRAIN, train_cfg("data.batch_size=8", "engine.workers=1"), output, local=True)
+    return output, read_history(output)
+
+
+@pytest.fixture(scope="session")
+def train_zero2_reference(ray_local, train_cfg, tmp_path_factory):
+    """An uninterrupted Ray Train + DeepSpeed ZeRO-2 run, 2 workers (the resume tests' reference)."""
+    from pipelines.train import Job, Knobs, read_history, run
+
+    output = str(tmp_path_factory.mktemp("train_zero2_reference"))
+    run(Job.PRETRAIN, train_cfg("engine.zero_stage=2"), output, knobs=Knobs())
+    return output, read_history(output)

@@ -12,6 +12,10 @@ from tipsv2.configs import TrackingConfig
 
 
 def test_flatten_redacts_secrets():
+    kept = flatten({"data": {"tokenizer": "/x/spm.model", "tokenizer_vocab": 8}, "prompts": {"max_tokens": 4}})
+    assert kept == {"data.tokenizer": "/x/spm.model", "data.tokenizer_vocab": "8", "prompts.max_tokens": "4"}
+    assert flatten({"aws_session_token": "t", "hub": {"token": "t"}}) == {"aws_session_token": REDACTED,
+                                                                        "hub.token": REDACTED}
     flat = flatten({"engine": {"workers": 2}, "storage": {"aws_secret_access_key": "abc", "endpoint": "http://h"},
                     "note": "AKIAABCDEFGHIJKLMNOP", "url": "https://user:pw@host/x", "sizes": [1, 2]})
     assert flat["engine.workers"] == "2" and flat["sizes"] == "[1, 2]" and flat["storage.endpoint"] == "http://h"
@@ -21,6 +25,12 @@ def test_flatten_redacts_secrets():
 
 def test_rank_nonzero_gets_null_sink(tmp_path):
     assert isinstance(open_sink(TrackingConfig(), output_root=str(tmp_path), rank=1), NullSink)
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    # One sqlite store for the module: creating one runs MLflow's schema migrations (seconds each).
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
 def make_runs(uri: str) -> list[str]:
@@ -35,8 +45,7 @@ def make_runs(uri: str) -> list[str]:
     return ids
 
 
-def test_compare_table_plots_and_artifacts(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_compare_table_plots_and_artifacts(tmp_path, uri):
     ids = make_runs(uri)
     out = compare.run(experiment="exp", output=str(tmp_path / "cmp"), tracking_uri=uri)
     assert out["runs"] == 2 and out["differing_params"] == ["optim.lr"]
@@ -55,12 +64,11 @@ def test_compare_table_plots_and_artifacts(tmp_path):
     assert json.loads((tmp_path / "cmp2" / "comparison.json").read_text())["params"] == ["optim.lr"]
 
 
-def test_reattach_by_run_id(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    first = MlflowSink(uri=uri, experiment="exp")
+def test_reattach_by_run_id(uri):
+    first = MlflowSink(uri=uri, experiment="reattach")
     first.log_metrics({"x": 1.0}, step=0)
     first.close(status="KILLED")
-    again = MlflowSink(uri=uri, experiment="exp", run_id=first.run_id)
+    again = MlflowSink(uri=uri, experiment="reattach", run_id=first.run_id)
     again.log_metrics({"x": 2.0}, step=1)
     again.close()
     from mlflow.tracking import MlflowClient
@@ -68,6 +76,6 @@ def test_reattach_by_run_id(tmp_path):
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1.0, 2.0]
 
 
-def test_unknown_experiment_is_named(tmp_path):
+def test_unknown_experiment_is_named(tmp_path, uri):
     with pytest.raises(ValueError, match="no MLflow experiment named 'nope'"):
-        compare.run(experiment="nope", output=str(tmp_path / "c"), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+        compare.run(experiment="nope", output=str(tmp_path / "c"), tracking_uri=uri)

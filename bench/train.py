@@ -1,0 +1,130 @@
+"""Distributed-path overhead and ZeRO sharding, on CPU: Ray Train + DeepSpeed vs the plain loop.
+
+    .venv/bin/python -m bench.train                         # both parts (~10-20 min on 2 busy cores)
+    .venv/bin/python -m bench.train --skip-memory           # only the overhead ratio (~3 min)
+
+1. Overhead, in one run: steps/s of the tiny preset through Ray Train + DeepSpeed (1 worker, ZeRO-2,
+   Ray Data feeding the batches) vs tipsv2.loop.train_local (data prepared inline), same model, batch and
+   data, one torch thread each. Steady state = median step time after `--warmup` steps; the ratio
+   (distributed / plain steps/s, goal >= 0.95) is computed on it. Start-up (Ray workers, DeepSpeed,
+   the first Ray Data execution) is reported separately as end-to-end wall time.
+2. Memory: B/14 on CPU with 2 workers at ZeRO 1, 2 and 3 (a few steps, 2 rows per worker, 112 px
+   crops to keep CPU steps short): the peak resident memory per worker, beside the model-state bytes
+   per worker that ZeRO predicts (fp32 weights, gradients and AdamW moments: 4 + 4 + 8 bytes per
+   trained parameter, divided by the workers where the stage partitions them).
+
+On a machine shared with other jobs the timings are noisy; rerun for a second sample. Writes
+bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.common import machine, print_table, write_json
+from pipelines import data
+from pipelines.train import Job, Knobs, prepare_tokenizer, read_history, run
+from tipsv2 import config_tree
+from tipsv2.configs import preset
+from tipsv2.loop import train_local
+from tipsv2.task import TIPSv2Task
+from tipsv2.tokenizer import Tokenizer
+
+
+def configure(name: str, sets: list[str]):
+    cfg = preset(name)
+    for assignment in sets:
+        cfg = config_tree.override(cfg, assignment)
+    return cfg
+
+
+def overhead(steps: int, warmup: int) -> dict:
+    sets = [f"steps={steps}", "log_every=1000", "engine.workers=1", "engine.zero_stage=2",
+            f"engine.checkpoint_every={steps}", "data.synthetic.val_size=4", "data.synthetic.test_size=4"]
+    cfg = configure("tiny", sets)
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        plain_out, ray_out = f"{root}/plain", f"{root}/ray"
+        source = data.prepare_source(cfg.data, plain_out)
+        texts = data.read_texts(source)
+        tokenizer = Tokenizer(prepare_tokenizer(cfg, plain_out, texts), max_len=cfg.task.model.text.max_len)
+        records = data.read_records(source, texts)
+        stamps = [time.perf_counter()]
+        start = time.perf_counter()
+        train_local(cfg, records=records, tokenizer=tokenizer, on_step=lambda s, r: stamps.append(time.perf_counter()))
+        plain_wall = time.perf_counter() - start
+        plain_steps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+        start = time.perf_counter()
+        run(Job.PRETRAIN, cfg, ray_out, knobs=Knobs())
+        ray_wall = time.perf_counter() - start
+        rows = read_history(ray_out)
+    images = cfg.data.batch_size
+    ray_steps = [images / r["images_per_s"] for r in rows][warmup:]
+    plain_s, ray_s = statistics.median(plain_steps), statistics.median(ray_steps)
+    return {"steps": steps, "warmup": warmup, "batch": images, "plain_step_s": plain_s, "ray_step_s": ray_s,
+            "plain_steps_per_s": 1 / plain_s, "ray_steps_per_s": 1 / ray_s, "ratio": plain_s / ray_s,
+            "plain_mean_step_s": statistics.mean(plain_steps), "ray_mean_step_s": statistics.mean(ray_steps),
+            "plain_wall_s": plain_wall, "ray_wall_s": ray_wall}
+
+
+def model_state_bytes(name: str, workers: int) -> dict[int, float]:
+    """Predicted fp32 model-state bytes per worker, by ZeRO stage (weights, gradients, AdamW moments)."""
+    with torch.device("meta"):
+        task = TIPSv2Task(preset(name).task)
+    unique = {id(p): p for p in task.parameters()}.values()
+    trained = sum(p.numel() for p in unique if p.requires_grad)
+    frozen = sum(p.numel() for p in unique if not p.requires_grad)
+    weights, grads, moments = 4 * trained, 4 * trained, 8 * trained
+    return {1: weights + grads + moments / workers + 4 * frozen,
+            2: weights + (grads + moments) / workers + 4 * frozen,
+            3: (weights + grads + moments + 4 * frozen) / workers}
+
+
+def memory(stages: list[int], steps: int, batch: int, workers: int) -> list[dict]:
+    sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
+            f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
+            "data.crops.local_size=56", "data.crops.local_crops=2", "task.dino.local_crops=2",
+            "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
+            "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
+    predicted = model_state_bytes("vit_b14", workers)
+    out = []
+    for stage in stages:
+        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}"])
+        with tempfile.TemporaryDirectory() as root:
+            start = time.perf_counter()
+            run(Job.PRETRAIN, cfg, root, knobs=Knobs())
+            rows = read_history(root)
+        out.append({"zero_stage": stage, "workers": workers, "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
+                    "predicted_model_state_mb_per_worker": predicted[stage] / 2 ** 20,
+                    "step_s": statistics.median(batch * workers / r["images_per_s"] for r in rows[1:] or rows),
+                    "wall_s": time.perf_counter() - start})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="steps of the overhead comparison")
+    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker for B/14")
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"machine": machine(), "note": "shared 2-core machine: timings are noisy"}
+    result["overhead"] = overhead(args.steps, args.warmup)
+    print_table([result["overhead"]], ["batch", "plain_steps_per_s", "ray_steps_per_s", "ratio", "plain_wall_s",
+                                       "ray_wall_s"])
+    if not args.skip_memory:
+        result["memory"] = memory(args.stages, args.memory_steps, args.memory_batch, workers=2)
+        print_table(result["memory"], ["zero_stage", "workers", "peak_rss_mb_per_worker",
+                                       "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
+    print(f"wrote {write_json('train', result)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The single-process path (`--local`), the data order of pipelines/data.py, and the FLOPs estimate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import data
+from pipelines.distill import split_teacher
+from pipelines.pretrain import split_local
+from pipelines.train import Job, local_stream, read_history, vision_flops
+from tipsv2.checkpoint import load_export
+from tipsv2.loop import batches, epoch_order, train_local
+from tipsv2.models.official import load_official
+from tipsv2.tokenizer import Tokenizer
+
+
+@pytest.mark.parametrize("world,batch_size", [(1, 8), (2, 4), (3, 2)])
+def test_rank_positions_cut_the_loop_order_into_rank_slices(world, batch_size):
+    n, seed, epoch = 50, 3, 2
+    order = epoch_order(n, seed=seed, epoch=epoch)
+    size = world * batch_size
+    for rank in range(world):
+        positions = data.rank_positions(n, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
+                                        start_batch=1)
+        expected = [p for k in range(1, n // size) for p in range(k * size + rank * batch_size,
+                                                                     k * size + (rank + 1) * batch_size)]
+        assert sorted(positions.values()) == expected
+        assert all(order[p] == row for row, p in positions.items())
+
+
+def test_sort_boundaries_split_evenly_and_never_leave_ray_to_sample():
+    assert data.sort_boundaries(list(range(10)), rows_per_partition=4) == [3, 6]
+    assert data.sort_boundaries(list(range(3)), rows_per_partition=4) == [1]
+    assert data.sort_boundaries([], rows_per_partition=4) == [0]
+
+
+def test_micro_batches_per_epoch_needs_one_global_batch():
+    assert data.micro_batches_per_epoch(33, batch_size=4, world=2) == 4
+    with pytest.raises(ValueError, match="at least batch_size x workers = 8 rows, got 7"):
+        data.micro_batches_per_epoch(7, batch_size=4, world=2)
+
+
+def test_cli_flags():
+    assert split_local(["--config", "tiny", "--local"]) == (["--config", "tiny"], True)
+    assert split_teacher(["--teacher", "a/b", "--teacher=c.npz"]) == ["--set", "teacher=a/b", "--set", "teacher=c.npz"]
+
+
+def test_vision_flops_estimate_matches_torch_flop_counter():
+    """Linear layers and the patch convolution as counted by torch; attention added by hand (torch's
+    counter does not see the CPU attention kernel): QK^T and AV, 2 x 2 x t^2 x d per block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tipsv2.models import build_model
+    model = build_model("tiny")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.encode_image(torch.rand(1, 3, 112, 112))
+    cfg, tokens = model.cfg.vision, 64 + 2
+    attention = cfg.depth * 4 * tokens ** 2 * cfg.width
+    assert vision_flops(cfg, 112) == counter.get_total_flops() + attention
+
+
+@pytest.mark.slow
+def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_both_formats(train_local_reference, train_cfg):
+    output, history = train_local_reference
+    cfg = train_cfg("data.batch_size=8", "engine.workers=1")
+    source = data.prepare_source(cfg.data, output)
+    records = data.read_records(source)
+    assert [r.id for r in records] == sorted(r.id for r in records) and len(records) == 32
+    tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=cfg.task.model.text.max_len)
+    expected = train_local(cfg, records=records, tokenizer=tokenizer).history
+    assert [r["loss/total"] for r in history] == [r["loss/total"] for r in expected]
+    model, dino, patch = load_export(f"{output}/export")
+    official = load_official(f"{output}/export/official_vision.npz", f"{output}/export/official_text.npz",
+                             vision_heads=3, text_heads=3, max_len=32)   # the tiny model: 3 heads of 32
+    images = torch.rand(2, 3, 112, 112)
+    torch.testing.assert_close(official.encode_image(images).patches, model.encode_image(images).patches)
+    assert dino is not None and patch is not None
+    summary = json.loads(open(f"{output}/summary.json").read())
+    assert summary["complete"] and summary["steps"] == 4 and summary["mlflow_run_id"]
+    assert (open(f"{output}/heatmaps/heatmap_0.png", "rb").read(8)) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_local_stream_is_the_loop_order(train_local_reference, train_cfg):
+    output, _ = train_local_reference
+    cfg = train_cfg("data.batch_size=8", "engine.workers=1")
+    records = data.read_records(data.prepare_source(cfg.data, output))
+    tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=32)
+    stream = local_stream(records, cfg=cfg, tokenizer=tokenizer, masked=True)
+    for (epoch, got), expected in zip([next(stream) for _ in range(4)], batches(records, cfg=cfg, tokenizer=tokenizer,
+                                                                               epoch=0)):
+        assert epoch == 0 and got.ids == expected.ids
+        torch.testing.assert_close(got.global_crop, expected.global_crop)
+        assert torch.equal(got.masks, expected.masks)
+
+
+@pytest.mark.slow
+def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
+    from pipelines import distill
+    output = str(tmp_path / "distill")
+    args = ["--config", "tiny", "--teacher", f"{train_local_reference[0]}/export", "--local", "--output", output,
+            "--set", "steps=2", "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
+            "--set", "data.synthetic.test_size=2"]
+    first = distill.main(args)
+    assert first["complete"] and len(read_history(output)) == 2
+    assert all(np.isfinite(r["loss/patch"]) for r in read_history(output))
+    assert distill.main(args)["wall_s"] == first["wall_s"]
+
+
+def test_distill_without_a_teacher_fails_clearly(tmp_path):
+    from pipelines import distill
+    with pytest.raises(ValueError, match="distillation needs a teacher"):
+        distill.main(["--config", "tiny", "--local", "--output", str(tmp_path), "--set", "steps=1",
+                      "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
+                      "--set", "data.synthetic.test_size=2"])
+
+
+@pytest.mark.slow
+def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_local_reference, train_cfg):
+    """Two ranks of 4 rows through Ray Data (read, select, sort, decode) == the loop's batches of 8."""
+    import ray
+
+    output, _ = train_local_reference
+    cfg = train_cfg()
+    source = data.prepare_source(cfg.data, output)
+    texts = data.read_texts(source)
+    tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=32)
+    spec = data.StreamSpec(batch_size=4, seed=cfg.seed, crops=cfg.data.crops, captions=cfg.data.captions,
+                           masking=cfg.data.masking, patch_size=14)
+    ref, ids = ray.put(texts), texts.column("id").to_pylist()
+    ranks = []
+    for rank in range(2):   # from the second global batch, as a resumed run would
+        stream = data.RankStream(source, ids=ids, texts_ref=ref, spec=spec, tokenizer=tokenizer, rank=rank, world=2,
+                                 start_micro=1)
+        ranks.append([next(stream) for _ in range(2)])
+        stream.close()
+    records = data.read_records(source, texts)
+    import dataclasses
+    expected = list(batches(records, cfg=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=8)),
+                            tokenizer=tokenizer, epoch=0))[1:3]
+    for k, want in enumerate(expected):
+        (e0, b0), (e1, b1) = ranks[0][k], ranks[1][k]
+        assert e0 == e1 == 0 and b0.ids + b1.ids == want.ids
+        torch.testing.assert_close(torch.cat([b0.global_crop, b1.global_crop]), want.global_crop)
+        torch.testing.assert_close(torch.cat([b0.local_crops, b1.local_crops]), want.local_crops)
+        assert torch.equal(torch.cat([b0.masks, b1.masks]), want.masks)
+        assert torch.equal(torch.cat([b0.syn_ids, b1.syn_ids]), want.syn_ids)
