@@ -45,7 +45,8 @@ class RunAllConfig:
     caption: caption.CaptionConfig = field(default_factory=caption.template)
     pretrain: PretrainConfig = field(default_factory=lambda: preset("tiny"))
     distill: DistillConfig = field(default_factory=lambda: distill_preset("tiny"))
-    evaluate_suite: str = "synthetic"
+    evaluate_suite: str = "synthetic"      # a tipsv2.eval.suites name
+    evaluate_data: str = ""                # the suite's dataset root; "" = the generated scenes for 'synthetic'
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="tipsv2-run_all"))
 
 
@@ -114,7 +115,8 @@ def train_tokenizer_step(captions_root: str, images_root: str, vocab: int, max_l
     return {"texts": len(texts), "vocab_size": vocab, "tokenizer": target}
 
 
-def evaluate_step(cfg: RunAllConfig, out: str, *, models: dict[str, str], tokenizer: str, data: str) -> dict[str, Any]:
+def evaluate_step(cfg: RunAllConfig, out: str, *, models: dict[str, str], tokenizer: str,
+                  data: str | None) -> dict[str, Any]:
     from pipelines import evaluate
 
     results = {}
@@ -206,10 +208,11 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
     dis_cfg = replace(cfg.distill, teacher=teacher, data=replace(cfg.distill.data, **data), tracking=cfg.tracking)
     chain.step("distill", dis_cfg, lambda out: _brief(train.run(train.Job.DISTILL, dis_cfg, out)), own_run=False)
     models = {"teacher": teacher, "student": storage.join(root("distill"), "export")}
-    synthetic_root = storage.join(root("source"), "synthetic")
-    evaluation = chain.step("evaluate", {"suite": cfg.evaluate_suite, "models": models},
+    eval_data = cfg.evaluate_data or (storage.join(root("source"), "synthetic")
+                                      if cfg.evaluate_suite == "synthetic" else None)
+    evaluation = chain.step("evaluate", {"suite": cfg.evaluate_suite, "data": eval_data, "models": models},
                             lambda out: evaluate_step(cfg, out, models=models, tokenizer=tok["tokenizer"],
-                                                      data=synthetic_root), own_run=False)
+                                                      data=eval_data), own_run=False)
     if "://" not in output:
         chain.step("report", {"models": models}, lambda out: build_report(output), own_run=False)
     chain.parent.log_metrics({f"{m}/{k}": v for m, r in evaluation.items() for k, v in r.items()}, step=0)

@@ -49,6 +49,7 @@ from torch import nn
 
 from pipelines import cli, data, storage
 from pipelines.tracking import MetricsSink, NullSink, open_sink
+from pipelines.tracking import flatten as tracking_flatten
 from tipsv2 import config_tree
 from tipsv2.checkpoint import load_export, save_export
 from tipsv2.configs import DistillConfig, Precision, PretrainConfig
@@ -67,6 +68,7 @@ TRAINER_STATE = "trainer_state.json"
 TEACHER_STATE = "teacher.safetensors"
 DS_TAG = "ds"
 HISTORY_FILE = "history.jsonl"
+STOP_FILE = "stopped.json"             # why the last run stopped early (a non-finite loss), for the driver
 EXPORT_DIR = "export"
 HEATMAP_IMAGES = 3
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against torch.cuda.get_device_name().
@@ -105,6 +107,8 @@ class Plan:
     texts_ref: Any                     # ObjectRef of data.read_texts(source)
     tokenizer: str                     # URI of the SentencePiece model
     run_id: str | None
+    tracking_uri: str | None = None   # resolved by the driver, so rank 0 logs where the driver does
+    resume_from: str | None = None    # URI of the checkpoint a rerun starts from (Ray Train's own comes first)
     knobs: Knobs = Knobs()
 
 
@@ -134,12 +138,11 @@ def local_copy(uri: str) -> str:
     if not storage.is_s3(uri):
         return uri
     target = Path(tempfile.mkdtemp(prefix="tipsv2-fetch-"))
-    files = storage.list_files(uri)
-    if not files:  # a single object
+    if not storage.is_dir(uri):  # a single object
         name = target / uri.rstrip("/").rsplit("/", 1)[-1]
         name.write_bytes(storage.read_bytes(uri))
         return str(name)
-    for file in files:
+    for file in storage.list_files(uri):
         relative = file[len(uri.rstrip("/")) + 1:]
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         (target / relative).write_bytes(storage.read_bytes(file))
@@ -620,18 +623,23 @@ class Worker:
     def run(self) -> dict[str, Any]:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = ray.train.get_checkpoint()   # set when Ray Train restarted the workers after a failure
+        if checkpoint is None and self.plan.resume_from is not None:
+            fs, path = storage.filesystem(self.plan.resume_from)
+            checkpoint = ray.train.Checkpoint(path, filesystem=fs)
         if checkpoint is not None:
             self.restore(checkpoint)
         if self.rank == 0:
-            self.sink = open_sink(self.cfg.tracking, output_root=self.plan.output, run_id=self.state.run_id)
+            tracking = dataclasses.replace(self.cfg.tracking, uri=self.plan.tracking_uri or self.cfg.tracking.uri)
+            self.sink = open_sink(tracking, output_root=self.plan.output, run_id=self.state.run_id)
         stream = self.stream()
         try:
             for step in range(self.state.step, self.cfg.steps):
                 self.maybe_fail(step)
                 row = self.step(step, stream)
                 if isinstance(row, str):
-                    ray.train.report({"nonfinite": row, "step": step})
+                    if self.rank == 0:
+                        storage.write_json(storage.join(self.plan.output, STOP_FILE), {"step": step, "error": row})
                     return {"nonfinite": row}
                 self.state.history.append(row)
                 self.state.step = step + 1
@@ -786,8 +794,8 @@ def worker_resources(request: dict[str, float]) -> dict[str, float]:
     return fitted
 
 
-def fit(plan: Plan, resume_from: str | None):
-    import ray.train
+def fit(plan: Plan):
+    """One TorchTrainer run into <output>/ray/train; the workers resume from plan.resume_from if set."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -800,10 +808,6 @@ def fit(plan: Plan, resume_from: str | None):
     else:
         resources = {"CPU": engine.cpus_per_worker}
     fs, path = storage.filesystem(storage.join(plan.output, "ray"))
-    resume = None
-    if resume_from is not None:
-        resume_fs, resume_path = storage.filesystem(resume_from)
-        resume = ray.train.Checkpoint(resume_path, filesystem=resume_fs)
     trainer = TorchTrainer(
         train_worker, train_loop_config={"plan": plan},
         torch_config=TorchConfig(backend="nccl" if engine.use_gpu else "gloo"),
@@ -811,9 +815,21 @@ def fit(plan: Plan, resume_from: str | None):
                                      resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=engine.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=engine.keep_checkpoints)),
-        resume_from_checkpoint=resume)
+                             checkpoint_config=CheckpointConfig(num_to_keep=engine.keep_checkpoints)))
     return trainer.fit()
+
+
+def check_same_config(output: str, cfg: Config, *, resuming: bool) -> None:
+    """Resuming continues the run in `output`: refuse when its config.json differs from `cfg`."""
+    uri = storage.join(output, cli.CONFIG_FILE)
+    if not resuming or not storage.exists(uri):
+        return
+    old = tracking_flatten(storage.read_json(uri))
+    new = tracking_flatten(json.loads(json.dumps(config_tree.to_dict(cfg), default=str)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(f"{output} holds checkpoints of a run with another config (changed: {changed[:8]}); "
+                         "resume with the same config or train into a new --output")
 
 
 def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs | None = None) -> dict[str, Any]:
@@ -825,11 +841,12 @@ def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs
         if previous.get("complete") and previous.get("config") == config_tree.to_dict(cfg):
             print(f"{job.value}: {output} already holds a finished run of this config; nothing to do")
             return previous
+    resume_from = None if local else latest_checkpoint(output)
+    check_same_config(output, cfg, resuming=resume_from is not None)
     cli.write_resolved_config(output, cfg)
     source = data.prepare_source(cfg.data, output)
     texts = data.read_texts(source)
     tokenizer = prepare_tokenizer(cfg, output, texts)
-    resume_from = None if local else latest_checkpoint(output)
     run_id = read_trainer_state(resume_from).run_id if resume_from else None
     sink = open_sink(cfg.tracking, output_root=output, run_id=run_id)
     if run_id is None:
@@ -844,7 +861,8 @@ def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs
             history = train_here(job, cfg, output=output, source=source, texts=texts, tokenizer=tokenizer, sink=sink)
         else:
             history = train_distributed(job, cfg, output=output, source=source, texts=texts, tokenizer=tokenizer,
-                                        run_id=sink.run_id, resume_from=resume_from, knobs=knobs or Knobs.from_env())
+                                        run_id=sink.run_id, tracking_uri=getattr(sink, "uri", None),
+                                        resume_from=resume_from, knobs=knobs or Knobs.from_env())
     except BaseException:
         sink.close("FAILED")
         raise
@@ -860,16 +878,19 @@ def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs
 
 
 def train_distributed(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,
-                      run_id: str | None, resume_from: str | None, knobs: Knobs) -> list[dict[str, float]]:
+                      run_id: str | None, tracking_uri: str | None, resume_from: str | None,
+                      knobs: Knobs) -> list[dict[str, float]]:
     import ray
 
     cli.init_ray(0 if cfg.engine.use_gpu else local_ray_cpus(cfg))   # GPU machines: Ray counts the CPUs
     plan = Plan(job=job, cfg=cfg, output=output, source=source, ids=texts.column("id").to_pylist(),
-                texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id, knobs=knobs)
-    result = fit(plan, resume_from)
-    message = (result.metrics or {}).get("nonfinite")
-    if message:
-        raise NonFiniteLoss(message)
+                texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id, tracking_uri=tracking_uri,
+                resume_from=resume_from, knobs=knobs)
+    stop = storage.join(output, STOP_FILE)
+    storage.delete(stop)
+    fit(plan)
+    if storage.exists(stop):
+        raise NonFiniteLoss(storage.read_json(stop)["error"])
     return read_history(output)
 
 
