@@ -12,7 +12,7 @@ import torch
 from tipsv2.configs import distill_preset
 from tipsv2.data.synthetic import SyntheticConfig
 from tipsv2.distill import TeacherHeads
-from tipsv2.distill_loop import build_distill_task, distill_local, stream_config
+from tipsv2.distill_loop import build_distill_task, distill_local
 from tipsv2.loop import endless, fit_tokenizer, synthetic_records
 from tipsv2.models import build_model
 from tipsv2.models.heads import DinoHead
@@ -88,7 +88,9 @@ def test_same_seed_same_run(run, setup):
 
 def test_batches_are_unmasked_at_the_student_geometry(setup):
     cfg, records, tokenizer, _, _ = setup
-    _, batch = next(endless(records, cfg=stream_config(cfg), tokenizer=tokenizer, masked=False))
+    vision = cfg.task.student.vision
+    _, batch = next(endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,
+                            masked=False))
     assert not batch.masks.any()
     assert batch.global_crop.shape[0] == cfg.data.batch_size
     assert batch.masks.shape[1] == (batch.global_crop.shape[-1] // cfg.task.student.vision.patch_size) ** 2

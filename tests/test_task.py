@@ -13,6 +13,7 @@ from tipsv2.configs import tiny
 from tipsv2.data.batch import Batch
 from tipsv2.distill import DistillTask, DistillTaskConfig, TeacherHeads
 from tipsv2.info import report
+from tipsv2.losses.dino import Centering
 from tipsv2.models import build_model
 from tipsv2.optim import OptimConfig, learning_rate, param_groups
 from tipsv2.task import MomentumSchedule, TeacherConfig, TeacherMode, TIPSv2Task, ema_momentum
@@ -107,12 +108,22 @@ def test_ema_momentum_schedules():
         TeacherConfig(momentum=1.1)
 
 
-def test_centers_follow_the_teacher(task):
+def test_centers_follow_the_teacher():
+    cfg = tiny_task_cfg()
+    task = TIPSv2Task(replace(cfg, dino=replace(cfg.dino, centering=Centering.CENTER),
+                              patch=replace(cfg.patch, centering=Centering.CENTER)))
     batch = make_batch()
     teacher = task.teacher_output(batch=batch, step=0)
     task(batch, step=0)
     expected = 0.9 * torch.zeros_like(task.dino_center) + 0.1 * teacher.dino_logits.mean(0)
     torch.testing.assert_close(task.dino_center, expected)
+    torch.testing.assert_close(task.patch_center, 0.1 * teacher.patch_logits.mean((0, 1)))
+
+
+def test_sinkhorn_targets_leave_the_centers_alone(task):
+    assert task.cfg.dino.centering == Centering.SINKHORN_KNOPP
+    task(make_batch(), step=0)
+    assert torch.count_nonzero(task.dino_center) == 0 and torch.count_nonzero(task.patch_center) == 0
 
 
 def test_param_groups_decay_and_layer_scales(task):

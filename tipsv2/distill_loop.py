@@ -13,27 +13,18 @@ pretraining loop, so the two differ only in the task they step.
 
 from __future__ import annotations
 
-import time
 from typing import Callable, Sequence
 
 import torch
 
-from tipsv2.configs import DistillConfig, PretrainConfig
+from tipsv2.configs import DistillConfig
 from tipsv2.distill import DistillTask
-from tipsv2.loop import LocalResult, Record, check_finite, endless, scalars
+from tipsv2.loop import LocalResult, Record, endless, fit
 from tipsv2.models.heads import DinoHead
 from tipsv2.models.model import TIPSModel
-from tipsv2.optim import build_optimizer, learning_rate, param_groups, set_learning_rate
-from tipsv2.task import TaskConfig
 from tipsv2.tokenizer import Tokenizer
 
 TeacherHeads = tuple[DinoHead, DinoHead] | None   # (DINO head, patch head); None for released encoders
-
-
-def stream_config(cfg: DistillConfig) -> PretrainConfig:
-    """The slice of a PretrainConfig that `tipsv2.loop.endless` reads (data, seed, the student's patch size)."""
-    task = TaskConfig(model=cfg.task.student, head=cfg.task.head, dino=cfg.task.dino, patch=cfg.task.patch)
-    return PretrainConfig(task=task, data=cfg.data, seed=cfg.seed, steps=cfg.steps)
 
 
 def build_distill_task(cfg: DistillConfig, *, teacher: TIPSModel, teacher_heads: TeacherHeads) -> DistillTask:
@@ -51,26 +42,7 @@ def distill_local(cfg: DistillConfig, *, teacher: TIPSModel, teacher_heads: Teac
     """
     torch.manual_seed(cfg.seed)
     task = build_distill_task(cfg, teacher=teacher, teacher_heads=teacher_heads)
-    groups = param_groups(task.trainable_parameters(), cfg.optim, depth=cfg.task.student.vision.depth)
-    optimizer = build_optimizer(groups, cfg.optim)
-    params = [p for g in groups for p in g["params"]]
-    result = LocalResult(task=task)
-    start = time.perf_counter()
-    stream = endless(records, cfg=stream_config(cfg), tokenizer=tokenizer, masked=False)
-    for step in range(cfg.steps):
-        epoch, batch = next(stream)
-        lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
-        set_learning_rate(optimizer, lr)
-        losses = task(batch, step)
-        check_finite(losses, step)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss/total"].backward()
-        if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-        optimizer.step()
-        row = scalars(losses) | {"lr": lr, "epoch": epoch, "step": step}
-        result.history.append(row)
-        if on_step is not None:
-            on_step(step, row)
-    result.seconds = time.perf_counter() - start
-    return result
+    vision = cfg.task.student.vision
+    stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,
+                     masked=False)
+    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depth=vision.depth, on_step=on_step)

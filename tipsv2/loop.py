@@ -11,17 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from tipsv2.configs import PretrainConfig
+from tipsv2.configs import DataConfig, PretrainConfig
 from tipsv2.data.batch import Batch, collate, make_example
 from tipsv2.data.schema import Granularity
 from tipsv2.data.synthetic import SyntheticConfig, make_scene
-from tipsv2.optim import build_optimizer, learning_rate, param_groups, set_learning_rate
+from tipsv2.optim import OptimConfig, build_optimizer, learning_rate, param_groups, set_learning_rate
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
 
@@ -54,26 +54,27 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def batches(records: Sequence[Record], *, cfg: PretrainConfig, tokenizer: Tokenizer, epoch: int,
-            masked: bool = True) -> Iterator[Batch]:
+def batches(records: Sequence[Record], *, data: DataConfig, seed: int, patch_size: int, tokenizer: Tokenizer,
+            epoch: int, masked: bool = True) -> Iterator[Batch]:
     """Full batches of one epoch (the last partial batch is dropped, so every step has the same size)."""
-    data = cfg.data
-    order = epoch_order(len(records), seed=cfg.seed, epoch=epoch)
+    order = epoch_order(len(records), seed=seed, epoch=epoch)
     for start in range(0, len(order) - data.batch_size + 1, data.batch_size):
         rows = [records[i] for i in order[start:start + data.batch_size]]
         examples = [make_example(r.image, example_id=r.id, alt_text=r.alt_text, captions=r.captions, epoch=epoch,
                                  crop_cfg=data.crops, caption_cfg=data.captions) for r in rows]
         yield collate(examples, tokenizer=tokenizer, masking_cfg=data.masking if masked else None,
-                      patch_size=cfg.task.model.vision.patch_size)
+                      patch_size=patch_size)
 
 
-def endless(records: Sequence[Record], *, cfg: PretrainConfig, tokenizer: Tokenizer, start_epoch: int = 0,
-            masked: bool = True) -> Iterator[tuple[int, Batch]]:
-    if len(records) < cfg.data.batch_size:
-        raise ValueError(f"need at least batch_size={cfg.data.batch_size} records, got {len(records)}")
+def endless(records: Sequence[Record], *, data: DataConfig, seed: int, patch_size: int, tokenizer: Tokenizer,
+            start_epoch: int = 0, masked: bool = True) -> Iterator[tuple[int, Batch]]:
+    """(epoch, Batch) forever, epoch after epoch."""
+    if len(records) < data.batch_size:
+        raise ValueError(f"need at least batch_size={data.batch_size} records, got {len(records)}")
     epoch = start_epoch
     while True:
-        for batch in batches(records, cfg=cfg, tokenizer=tokenizer, epoch=epoch, masked=masked):
+        for batch in batches(records, data=data, seed=seed, patch_size=patch_size, tokenizer=tokenizer, epoch=epoch,
+                             masked=masked):
             yield epoch, batch
         epoch += 1
 
@@ -93,38 +94,53 @@ def scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
+class Steppable(Protocol):
+    """TIPSv2Task or DistillTask: forward(batch, step) -> losses; update_teacher after the optimiser step."""
+    def __call__(self, batch: Batch, step: int) -> dict[str, torch.Tensor]: ...
+    def update_teacher(self, *, step: int, total_steps: int) -> float: ...
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+
+
 @dataclass
 class LocalResult:
-    task: TIPSv2Task
+    task: torch.nn.Module
     history: list[dict[str, float]] = field(default_factory=list)   # one row per step
     seconds: float = 0.0
 
 
-def train_local(cfg: PretrainConfig, *, records: Sequence[Record], tokenizer: Tokenizer,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
-    """Train `cfg.steps` steps in this process; deterministic for a given cfg.seed."""
-    torch.manual_seed(cfg.seed)
-    task = TIPSv2Task(cfg.task)
-    groups = param_groups(task.trainable_parameters(), cfg.optim, depth=cfg.task.model.vision.depth)
-    optimizer = build_optimizer(groups, cfg.optim)
+def fit(task: Steppable, *, stream: Iterator[tuple[int, Batch]], optim: OptimConfig, steps: int, depth: int,
+        on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
+    """The plain optimisation loop: warm-up + cosine LR, AdamW/Adafactor, clipping, NaN guard, EMA."""
+    groups = param_groups(task.trainable_parameters(), optim, depth=depth)
+    optimizer = build_optimizer(groups, optim)
+    params = [p for g in groups for p in g["params"]]
     result = LocalResult(task=task)
     start = time.perf_counter()
-    stream = endless(records, cfg=cfg, tokenizer=tokenizer)
-    for step in range(cfg.steps):
+    for step in range(steps):
         epoch, batch = next(stream)
-        lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
+        lr = learning_rate(step, total_steps=steps, cfg=optim)
         set_learning_rate(optimizer, lr)
         losses = task(batch, step)
         check_finite(losses, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss/total"].backward()
-        if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.clip_grad)
+        if optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, optim.clip_grad)
         optimizer.step()
-        momentum = task.update_teacher(step=step, total_steps=cfg.steps)
+        momentum = task.update_teacher(step=step, total_steps=steps)
         row = scalars(losses) | {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step}
         result.history.append(row)
         if on_step is not None:
             on_step(step, row)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def train_local(cfg: PretrainConfig, *, records: Sequence[Record], tokenizer: Tokenizer,
+                on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
+    """Pretrain `cfg.steps` steps in this process; deterministic for a given cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    task = TIPSv2Task(cfg.task)
+    vision = cfg.task.model.vision
+    stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer)
+    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depth=vision.depth, on_step=on_step)
