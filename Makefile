@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_all --config demo --output outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

@@ -6,8 +6,9 @@
 1. Overhead, in one run: steps/s of the tiny preset through Ray Train + DeepSpeed (1 worker, ZeRO-2,
    Ray Data feeding the batches) vs tipsv2.loop.train_local (data prepared inline), same model, batch and
    data, one torch thread each. Steady state = median step time after `--warmup` steps; the ratio
-   (distributed / plain steps/s, goal >= 0.95) is computed on it. Start-up (Ray workers, DeepSpeed,
-   the first Ray Data execution) is reported separately as end-to-end wall time.
+   (distributed / plain steps/s, goal >= 0.95) is computed on it. Also split: the plain loop's inline
+   batch preparation vs the time the engine waited for Ray Data, and the ratio without either.
+   Start-up (Ray workers, DeepSpeed, the first Ray Data execution) is reported as end-to-end wall time.
 2. Memory: B/14 on CPU with 2 workers at ZeRO 1, 2 and 3 (a few steps, 2 rows per worker, 112 px
    crops to keep CPU steps short): the peak resident memory per worker, beside the model-state bytes
    per worker that ZeRO predicts (fp32 weights, gradients and AdamW moments: 4 + 4 + 8 bytes per
@@ -31,13 +32,13 @@ from pipelines import data
 from pipelines.train import Job, Knobs, prepare_tokenizer, read_history, run
 from tipsv2 import config_tree
 from tipsv2.configs import preset
-from tipsv2.loop import train_local
+from tipsv2.loop import endless, train_local
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer
 
 
-def configure(name: str, sets: list[str]):
-    cfg = preset(name)
+def configure(name: str, sets: list[str], merge: dict | None = None):
+    cfg = config_tree.merge(preset(name), merge or {})
     for assignment in sets:
         cfg = config_tree.override(cfg, assignment)
     return cfg
@@ -63,12 +64,26 @@ def overhead(steps: int, warmup: int) -> dict:
         run(Job.PRETRAIN, cfg, ray_out, knobs=Knobs())
         ray_wall = time.perf_counter() - start
         rows = read_history(ray_out)
-    images = cfg.data.batch_size
-    ray_steps = [images / r["images_per_s"] for r in rows][warmup:]
-    plain_s, ray_s = statistics.median(plain_steps), statistics.median(ray_steps)
-    return {"steps": steps, "warmup": warmup, "batch": images, "plain_step_s": plain_s, "ray_step_s": ray_s,
-            "plain_steps_per_s": 1 / plain_s, "ray_steps_per_s": 1 / ray_s, "ratio": plain_s / ray_s,
-            "plain_mean_step_s": statistics.mean(plain_steps), "ray_mean_step_s": statistics.mean(ray_steps),
+        # The plain loop prepares its batches inline: time that part alone on the same batches.
+        stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=14, tokenizer=tokenizer)
+        data_times = []
+        for _ in range(steps):
+            before = time.perf_counter()
+            next(stream)
+            data_times.append(time.perf_counter() - before)
+    rows = rows[warmup:]
+    plain_s, ray_s = statistics.median(plain_steps), statistics.median(r["time/step_s"] for r in rows)
+    plain_data = statistics.median(data_times[warmup:])
+    ray_wait = statistics.median(r["time/data_wait_s"] for r in rows)
+    plain_compute, ray_compute = plain_s - plain_data, statistics.median(r["time/step_s"] - r["time/data_wait_s"]
+                                                                         for r in rows)
+    return {"steps": steps, "warmup": warmup, "batch": cfg.data.batch_size, "plain_step_s": plain_s,
+            "ray_step_s": ray_s, "plain_steps_per_s": 1 / plain_s, "ray_steps_per_s": 1 / ray_s,
+            "ratio": plain_s / ray_s, "plain_data_s": plain_data, "ray_data_wait_s": ray_wait,
+            "plain_compute_s": plain_compute, "ray_compute_s": ray_compute,
+            "ratio_without_data": plain_compute / ray_compute,
+            "plain_mean_step_s": statistics.mean(plain_steps),
+            "ray_mean_step_s": statistics.mean(r["time/step_s"] for r in rows),
             "plain_wall_s": plain_wall, "ray_wall_s": ray_wall}
 
 
@@ -88,13 +103,13 @@ def model_state_bytes(name: str, workers: int) -> dict[int, float]:
 def memory(stages: list[int], steps: int, batch: int, workers: int) -> list[dict]:
     sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
             f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
-            "data.crops.local_size=56", "data.crops.local_crops=2", "task.dino.local_crops=2",
-            "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
+            "data.crops.local_size=56", "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
             "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
     predicted = model_state_bytes("vit_b14", workers)
     out = []
     for stage in stages:
-        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}"])
+        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}"],
+                        merge={"task": {"dino": {"local_crops": 2}}, "data": {"crops": {"local_crops": 2}}})
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
             run(Job.PRETRAIN, cfg, root, knobs=Knobs())
@@ -117,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = {"machine": machine(), "note": "shared 2-core machine: timings are noisy"}
     result["overhead"] = overhead(args.steps, args.warmup)
-    print_table([result["overhead"]], ["batch", "plain_steps_per_s", "ray_steps_per_s", "ratio", "plain_wall_s",
-                                       "ray_wall_s"])
+    print_table([result["overhead"]], ["batch", "plain_steps_per_s", "ray_steps_per_s", "ratio", "plain_data_s",
+                                       "ray_data_wait_s", "ratio_without_data", "plain_wall_s", "ray_wall_s"])
     if not args.skip_memory:
         result["memory"] = memory(args.stages, args.memory_steps, args.memory_batch, workers=2)
         print_table(result["memory"], ["zero_stage", "workers", "peak_rss_mb_per_worker",

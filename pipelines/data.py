@@ -88,11 +88,18 @@ def prepare_source(data_cfg, output: str) -> Source:
                   validation=storage.join(root, "val", "images"))
 
 
-def _read(uri: str, columns: list[str]) -> pa.Table:
+def _read(uri: str, columns: list[str] | None) -> pa.Table:
     fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type.name == "NotFound":
         raise ValueError(f"no Parquet at {uri!r}")
     return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _columns(uri: str) -> list[str]:
+    import pyarrow.dataset as pads
+
+    fs, path = storage.filesystem(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").schema.names
 
 
 def read_texts(source: Source) -> pa.Table:
@@ -106,12 +113,16 @@ def read_texts(source: Source) -> pa.Table:
     if source.captions is None:
         texts = images.append_column("caption_short", pa.nulls(images.num_rows, pa.string()))
     else:
-        captions = _read(source.captions, None)
-        present = [c for c in CAPTION_COLUMNS if c in captions.column_names]
-        if "id" not in captions.column_names or not present:
+        names = _columns(source.captions)
+        present = [c for c in CAPTION_COLUMNS if c in names]
+        if "id" not in names or not present:
             raise ValueError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS}; "
-                             f"found {captions.column_names}")
-        texts = images.join(captions.select(["id", *present]), keys="id", join_type="left outer")
+                             f"found {names}")
+        captions = _read(source.captions, ["id", *present])
+        if captions.num_rows != len(set(captions.column("id").to_pylist())):
+            raise ValueError(f"caption Parquet {source.captions!r} repeats ids; expected one row per image id "
+                             "(pipelines.caption compacts its output to exactly one)")
+        texts = images.join(captions, keys="id", join_type="left outer")
     for column in CAPTION_COLUMNS:
         if column not in texts.column_names:
             texts = texts.append_column(column, pa.nulls(texts.num_rows, pa.string()))
@@ -247,7 +258,7 @@ def epoch_dataset(source: Source, *, ids: Sequence[str], texts_ref, spec: Stream
     fs, path = storage.filesystem(source.images)
     wanted = {ids[i]: p for i, p in rank_positions(len(ids), seed=spec.seed, epoch=epoch, rank=rank, world=world,
                                                    batch_size=spec.batch_size, start_batch=start_batch).items()}
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["id", "image"], num_cpus=LIGHT_CPUS)
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=LIGHT_CPUS).select_columns(["id", "image"])
     ds = ds.map_batches(_select, fn_kwargs={"wanted": wanted}, batch_format="pyarrow", batch_size=None,
                         num_cpus=LIGHT_CPUS)
     ds = ds.sort("position", boundaries=sort_boundaries(sorted(wanted.values())))
@@ -268,8 +279,9 @@ class _EpochFeed:
         self.thread.start()
 
     def _run(self, dataset, epoch: int, spec: StreamSpec, tokenizer) -> None:
+        iterator = iter(dataset.iter_batches(batch_size=spec.batch_size, batch_format="numpy", drop_last=False))
         try:
-            for columns in dataset.iter_batches(batch_size=spec.batch_size, batch_format="numpy", drop_last=False):
+            for columns in iterator:
                 if len(columns["id"]) != spec.batch_size:
                     raise RuntimeError(f"epoch {epoch}: got a batch of {len(columns['id'])} rows, expected "
                                        f"{spec.batch_size} (rank positions are whole batches)")
@@ -285,6 +297,8 @@ class _EpochFeed:
                     return
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             self.error = err
+        finally:
+            iterator.close()   # stops the Ray Data execution when the consumer left early
         self.queue.put(self._END)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -296,8 +310,9 @@ class _EpochFeed:
                 return
             yield item
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
         self.stop.set()
+        self.thread.join(timeout_s)
 
 
 class RankStream:

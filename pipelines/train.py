@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import io
 import json
 import math
 import os
@@ -153,12 +152,14 @@ def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_s
                rank: int = 0) -> nn.Module:
     """The module DeepSpeed wraps, seeded by cfg.seed so every rank (and the local loop) builds the same one."""
     collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean}.items() if v is not None}
-    torch.manual_seed(cfg.seed)
     if job == Job.PRETRAIN:
+        torch.manual_seed(cfg.seed)
         extra = {"reduce_sum": reduce_sum} if reduce_sum is not None else {}
         return TIPSv2Task(cfg.task, rank=rank, **collectives, **extra)
+    # Loaded before seeding, as tipsv2.distill_loop.distill_local does: the student's init is the same.
     teacher, dino_head, patch_head = load_teacher(cfg.teacher)
     student = load_export(local_copy(cfg.student_init))[0] if cfg.student_init else None
+    torch.manual_seed(cfg.seed)
     return DistillTask(cfg.task, teacher=teacher, teacher_dino_head=dino_head, teacher_patch_head=patch_head,
                        student=student, rank=rank, **collectives)
 
@@ -245,13 +246,19 @@ def peak_flops(device: torch.device, precision: Precision) -> float:
 # ---------------------------------------------------------------- DeepSpeed
 
 
+def manual_clipping(cfg: Config) -> bool:
+    """ZeRO-0 in fp32 clips with DeepSpeed's own clip_grad_norm_, which fails on 0-dim parameters
+    (log_temperature) in DeepSpeed 0.19: the engine clips with torch's instead (same global norm)."""
+    return cfg.engine.zero_stage == 0 and cfg.engine.precision == Precision.FP32 and cfg.optim.clip_grad > 0
+
+
 def deepspeed_config(cfg: Config, *, world: int) -> dict:
     engine = cfg.engine
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": engine.grad_accum,
         "train_batch_size": cfg.data.batch_size * engine.grad_accum * world,
-        "gradient_clipping": float(cfg.optim.clip_grad),
+        "gradient_clipping": 0.0 if manual_clipping(cfg) else float(cfg.optim.clip_grad),
         "zero_optimization": {"stage": engine.zero_stage},
         "bf16": {"enabled": engine.precision == Precision.BF16},
         "fp16": {"enabled": engine.precision == Precision.FP16, "initial_scale_power": 16},
@@ -595,9 +602,11 @@ class Worker:
         lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
         set_learning_rates(self.optimizer, lr, self.scales)
         start = time.perf_counter()
-        rows = []
+        rows, waited = [], 0.0
         for _ in range(cfg.engine.grad_accum):
+            before = time.perf_counter()
             epoch, batch = next(stream)
+            waited += time.perf_counter() - before
             losses = self.engine(self.to_device(batch), step)
             if self.plan.knobs.nan_at_step == step:
                 losses["loss/total"] = losses["loss/total"] * float("nan")
@@ -608,6 +617,8 @@ class Worker:
                         f"and the last checkpoint is the last good state (lower optim.lr, raise "
                         f"optim.warmup_steps, or check the input batch)")
             self.engine.backward(losses["loss/total"])
+            if manual_clipping(cfg) and self.engine.is_gradient_accumulation_boundary():
+                torch.nn.utils.clip_grad_norm_([p for _, p in self.task.trainable_parameters()], cfg.optim.clip_grad)
             self.engine.step()
             rows.append(scalars(losses) | self.memory())
         momentum = self.task.update_teacher(step=step, total_steps=cfg.steps, gathered=gathered_factory(self.stage))
@@ -615,7 +626,7 @@ class Worker:
         seconds = time.perf_counter() - start
         images = cfg.data.batch_size * cfg.engine.grad_accum * self.world
         row |= {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step,
-                "images_per_s": images / seconds,
+                "images_per_s": images / seconds, "time/step_s": seconds, "time/data_wait_s": waited,
                 "mfu": self.flops * images / seconds / (self.peak * self.world)}
         self.state.epoch = epoch
         return row
@@ -897,50 +908,19 @@ def train_distributed(job: Job, cfg: Config, *, output: str, source: data.Source
 # ---------------------------------------------------------------- one process, no Ray (--local)
 
 
-def local_stream(records, *, cfg: Config, tokenizer: Tokenizer, masked: bool):
-    """(epoch, Batch) in the order of tipsv2.loop.batches: the single-process reference order."""
-    from tipsv2.data.batch import collate, make_example
-
-    epoch = 0
-    while True:
-        positions = data.rank_positions(len(records), seed=cfg.seed, epoch=epoch, rank=0, world=1,
-                                        batch_size=cfg.data.batch_size)
-        order = sorted(positions, key=positions.get)
-        for start in range(0, len(order), cfg.data.batch_size):
-            rows = [records[i] for i in order[start:start + cfg.data.batch_size]]
-            examples = [make_example(r.image, example_id=r.id, alt_text=r.alt_text, captions=r.captions, epoch=epoch,
-                                     crop_cfg=cfg.data.crops, caption_cfg=cfg.data.captions) for r in rows]
-            yield epoch, collate(examples, tokenizer=tokenizer, masking_cfg=cfg.data.masking if masked else None,
-                                 patch_size=model_config_of(cfg).vision.patch_size)
-        epoch += 1
-
-
 def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
                      on_step: Callable[[int, dict[str, float]], None]) -> nn.Module:
-    """The plain loop of tipsv2.loop.train_local for any task (pretraining calls train_local itself)."""
-    from tipsv2.loop import check_finite, train_local
-    from tipsv2.optim import build_optimizer, set_learning_rate
+    """tipsv2.loop's plain loop: train_local when pretraining, loop.fit on the DistillTask (the same as
+    tipsv2.distill_loop.distill_local, plus `student_init`) when distilling."""
+    from tipsv2.loop import endless, fit, train_local
 
     if job == Job.PRETRAIN:
         return train_local(cfg, records=records, tokenizer=tokenizer, on_step=on_step).task
     task = build_task(job, cfg)
-    groups = param_groups(task.trainable_parameters(), cfg.optim, depth=model_config_of(cfg).vision.depth)
-    optimizer = build_optimizer(groups, cfg.optim)
-    stream = local_stream(records, cfg=cfg, tokenizer=tokenizer, masked=False)
-    for step in range(cfg.steps):
-        epoch, batch = next(stream)
-        lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
-        set_learning_rate(optimizer, lr)
-        losses = task(batch, step)
-        check_finite(losses, step)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss/total"].backward()
-        if cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.optim.clip_grad)
-        optimizer.step()
-        momentum = task.update_teacher(step=step, total_steps=cfg.steps)
-        on_step(step, scalars(losses) | {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step})
-    return task
+    vision = cfg.task.student.vision
+    stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,
+                     masked=False)
+    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depth=vision.depth, on_step=on_step).task
 
 
 def train_here(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,

@@ -11,7 +11,7 @@ import torch
 from pipelines import data
 from pipelines.distill import split_teacher
 from pipelines.pretrain import split_local
-from pipelines.train import Job, local_stream, read_history, vision_flops
+from pipelines.train import read_history, vision_flops
 from tipsv2.checkpoint import load_export
 from tipsv2.loop import batches, epoch_order, train_local
 from tipsv2.models.official import load_official
@@ -86,20 +86,6 @@ def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_both_formats(trai
 
 
 @pytest.mark.slow
-def test_local_stream_is_the_loop_order(train_local_reference, train_cfg):
-    output, _ = train_local_reference
-    cfg = train_cfg("data.batch_size=8", "engine.workers=1")
-    records = data.read_records(data.prepare_source(cfg.data, output))
-    tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=32)
-    stream = local_stream(records, cfg=cfg, tokenizer=tokenizer, masked=True)
-    for (epoch, got), expected in zip([next(stream) for _ in range(4)], batches(records, cfg=cfg, tokenizer=tokenizer,
-                                                                               epoch=0)):
-        assert epoch == 0 and got.ids == expected.ids
-        torch.testing.assert_close(got.global_crop, expected.global_crop)
-        assert torch.equal(got.masks, expected.masks)
-
-
-@pytest.mark.slow
 def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
     from pipelines import distill
     output = str(tmp_path / "distill")
@@ -108,6 +94,17 @@ def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
             "--set", "data.synthetic.test_size=2"]
     first = distill.main(args)
     assert first["complete"] and len(read_history(output)) == 2
+    # The pipeline's --local is tipsv2.distill_loop.distill_local on the same rows.
+    from tipsv2.configs import distill_preset
+    from tipsv2.distill_loop import distill_local
+    from pipelines.cli import resolve_config
+    cfg = resolve_config("tiny", {"tiny": lambda: distill_preset("tiny")}, [a for a in args[args.index("--set"):] if a != "--set"] +
+                         [f"teacher={train_local_reference[0]}/export"])
+    teacher, dino, patch = load_export(f"{train_local_reference[0]}/export")
+    records = data.read_records(data.prepare_source(cfg.data, output))
+    tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=cfg.task.student.text.max_len)
+    expected = distill_local(cfg, teacher=teacher, teacher_heads=(dino, patch), records=records, tokenizer=tokenizer)
+    assert [r["loss/total"] for r in read_history(output)] == [r["loss/total"] for r in expected.history]
     assert all(np.isfinite(r["loss/patch"]) for r in read_history(output))
     assert distill.main(args)["wall_s"] == first["wall_s"]
 
@@ -141,7 +138,7 @@ def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_
         stream.close()
     records = data.read_records(source, texts)
     import dataclasses
-    expected = list(batches(records, cfg=dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=8)),
+    expected = list(batches(records, data=dataclasses.replace(cfg.data, batch_size=8), seed=cfg.seed, patch_size=14,
                             tokenizer=tokenizer, epoch=0))[1:3]
     for k, want in enumerate(expected):
         (e0, b0), (e1, b1) = ranks[0][k], ranks[1][k]
@@ -150,3 +147,25 @@ def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_
         torch.testing.assert_close(torch.cat([b0.local_crops, b1.local_crops]), want.local_crops)
         assert torch.equal(torch.cat([b0.masks, b1.masks]), want.masks)
         assert torch.equal(torch.cat([b0.syn_ids, b1.syn_ids]), want.syn_ids)
+
+
+def test_read_texts_left_joins_captions_by_id_and_rejects_repeated_ids(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tipsv2.data.schema import IMAGES
+    rows = [{"id": i, "image": b"x", "format": "PNG", "width": 1, "height": 1, "alt_text": f"alt {i}",
+             "source": "s", "sha256": i} for i in ("b", "a", "c")]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "captions").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=IMAGES), tmp_path / "images" / "part.parquet")
+    pq.write_table(pa.table({"id": ["c", "a"], "caption_long": ["long c", "long a"], "provenance": ["{}", "{}"]}),
+                   tmp_path / "captions" / "part.parquet")
+    texts = data.read_texts(data.Source(images=str(tmp_path / "images"), captions=str(tmp_path / "captions")))
+    assert texts.to_pylist() == [
+        {"id": "a", "alt_text": "alt a", "caption_short": None, "caption_medium": None, "caption_long": "long a"},
+        {"id": "b", "alt_text": "alt b", "caption_short": None, "caption_medium": None, "caption_long": None},
+        {"id": "c", "alt_text": "alt c", "caption_short": None, "caption_medium": None, "caption_long": "long c"}]
+    pq.write_table(pa.table({"id": ["a"], "caption_long": ["again"]}), tmp_path / "captions" / "more.parquet")
+    with pytest.raises(ValueError, match="repeats ids"):
+        data.read_texts(data.Source(images=str(tmp_path / "images"), captions=str(tmp_path / "captions")))
