@@ -203,3 +203,17 @@ def test_pretrained_student_init_warns():
     with pytest.warns(UserWarning, match="randomly initialised student"):
         DistillTask(distill_cfg(teacher_heads=TeacherHeads.RANDOM), teacher=build_model("tiny"),
                     student=build_model("tiny"))
+
+
+def test_adafactor_and_adamw_both_train_a_step():
+    from tipsv2.loop import fit
+    from tipsv2.optim import Optimizer
+
+    for kind in (Optimizer.ADAMW, Optimizer.ADAFACTOR):
+        torch.manual_seed(0)
+        task = TIPSv2Task(tiny_task_cfg())
+        before = task.model.vision.blocks[0].attn.qkv.weight.detach().clone()
+        stream = iter([(0, make_batch(seed=s)) for s in range(2)])
+        result = fit(task, stream=stream, optim=OptimConfig(optimizer=kind, lr=1e-3, warmup_steps=1), steps=2, depth=4)
+        assert len(result.history) == 2 and all(math.isfinite(r["loss/total"]) for r in result.history)
+        assert not torch.equal(before, task.model.vision.blocks[0].attn.qkv.weight), kind
