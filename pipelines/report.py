@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tipsv2.data import synthetic
-from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder, normalize
+from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder, patch_text_similarity
 from tipsv2.eval.zero_shot import PROMPT_TEMPLATES, SegMode, ZeroShotSegmentationConfig, predict_segmentation
 from tipsv2.models.model import TIPSModel
 
@@ -81,15 +81,11 @@ def segmentation_overlays(models: dict[str, TIPSModel], tokenizer, scenes: Seque
     return path
 
 
-@torch.no_grad()
-def patch_text_similarity(model: TIPSModel, tokenizer, image, prompt: str) -> np.ndarray:
-    """(H, W) cosine of each (value-attention) patch token with the prompt's embedding, upsampled."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    feats = model.encode_image(pixels, dense=True).patches[0]                     # (N, D)
-    text = model.encode_text(*tokenizer([prompt]))[0]
-    side = pixels.shape[-1] // model.patch_size
-    cos = (normalize(feats) @ normalize(text)).reshape(1, 1, side, side)
-    return F.interpolate(cos, size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
+def upsampled_similarity(model: TIPSModel, tokenizer, image, prompt: str) -> np.ndarray:
+    """(H, W) cosine of each value-attention patch token with the prompt's embedding, bilinearly upsampled."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    cos = patch_text_similarity(model, tokenizer, pixels, [prompt])                # (1, h, w)
+    return F.interpolate(cos[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def heatmaps(models: dict[str, TIPSModel], tokenizer, scenes: Sequence[synthetic.SceneRecord], path: Path) -> Path:
@@ -103,7 +99,7 @@ def heatmaps(models: dict[str, TIPSModel], tokenizer, scenes: Sequence[synthetic
         axes[row, 0].set_title(prompt, fontsize=7)
         for col, (name, model) in enumerate(models.items(), start=1):
             axes[row, col].imshow(scene.image)
-            axes[row, col].imshow(patch_text_similarity(model, tokenizer, scene.image, prompt), cmap="jet", alpha=0.5)
+            axes[row, col].imshow(upsampled_similarity(model, tokenizer, scene.image, prompt), cmap="jet", alpha=0.5)
             axes[row, col].set_title(name, fontsize=8)
         for ax in axes[row]:
             ax.set_axis_off()

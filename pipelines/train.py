@@ -53,6 +53,7 @@ from tipsv2 import config_tree
 from tipsv2.checkpoint import load_export, save_export
 from tipsv2.configs import DistillConfig, Precision, PretrainConfig
 from tipsv2.distill import DistillTask
+from tipsv2.eval.features import patch_text_similarity
 from tipsv2.loop import NonFiniteLoss, scalars
 from tipsv2.models.config import ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
@@ -730,18 +731,6 @@ def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head:
 
 
 @torch.no_grad()
-def patch_text_similarity(model: TIPSModel, tokenizer: Tokenizer, image: torch.Tensor,
-                          texts: list[str]) -> torch.Tensor:
-    """Cosine similarity of every (dense, MaskCLIP) patch embedding with each text: (T, h, w)."""
-    model.eval()
-    feats = model.encode_image(image[None], dense=True)
-    patches = torch.nn.functional.normalize(feats.patches[0], dim=-1)      # (N, D)
-    ids, paddings = tokenizer(texts)
-    text = torch.nn.functional.normalize(model.encode_text(ids, paddings), dim=-1)  # (T, D)
-    side = image.shape[-1] // model.patch_size
-    return (text @ patches.T).reshape(len(texts), side, side)
-
-
 def plot_heatmap(model: TIPSModel, tokenizer: Tokenizer, record, *, image_size: int, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")

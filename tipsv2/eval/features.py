@@ -192,3 +192,16 @@ def extract_features(encode_image: ImageEncoder, images: Iterable[Image.Image], 
         raise ValueError("extract_features got no images")
     return FeatureSet(cls1=torch.cat(cls1), cls2=torch.cat(cls2),
                       patches=torch.cat(patches) if keep_patches else None)
+
+
+@torch.no_grad()
+def patch_text_similarity(model: torch.nn.Module, tokenizer: Callable[[Sequence[str]], tuple[Tensor, Tensor]],
+                          image: Tensor, texts: Sequence[str]) -> Tensor:
+    """Cosine of every value-attention (MaskCLIP) patch token of `image` (3, H, W) with each text: (T, h, w)."""
+    model.eval()
+    device = _device(model)
+    patches = normalize(model.encode_image(image[None].to(device), dense=True).patches[0])   # (N, D)
+    ids, paddings = tokenizer(list(texts))
+    text = normalize(model.encode_text(ids.to(device), paddings.to(device)))                # (T, D)
+    rows, cols = image.shape[-2] // model.patch_size, image.shape[-1] // model.patch_size
+    return (text @ patches.T).reshape(len(texts), rows, cols).float().cpu()
