@@ -10,9 +10,10 @@
    batch preparation vs the time the engine waited for Ray Data, and the ratio without either.
    Start-up (Ray workers, DeepSpeed, the first Ray Data execution) is reported as end-to-end wall time.
 2. Memory: B/14 on CPU with 2 workers at ZeRO 1, 2 and 3 (a few steps, 2 rows per worker, 112 px
-   crops to keep CPU steps short): the peak resident memory per worker, beside the model-state bytes
-   per worker that ZeRO predicts (fp32 weights, gradients and AdamW moments: 4 + 4 + 8 bytes per
-   trained parameter, divided by the workers where the stage partitions them).
+   crops to keep CPU steps short): per worker, the tensors held at the last step's peak (the larger of
+   after-backward and after-step: weights, gradients, optimizer state, ZeRO's buffers; activations are
+   freed by then) beside the model-state bytes ZeRO predicts (`model_state_bytes`), and the peak
+   resident memory (which also holds freed allocator pages, activations and libraries).
 
 On a machine shared with other jobs the timings are noisy; rerun for a second sample. Writes
 bench/results/train.json.
@@ -21,13 +22,14 @@ bench/results/train.json.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
 
 import torch
 
-from bench.common import machine, print_table, write_json
+from bench.common import RESULTS, machine, print_table, write_json
 from pipelines import data
 from pipelines.train import Job, Knobs, prepare_tokenizer, read_history, run
 from tipsv2 import config_tree
@@ -88,20 +90,24 @@ def overhead(steps: int, warmup: int) -> dict:
 
 
 def model_state_bytes(name: str, workers: int) -> dict[int, float]:
-    """Predicted fp32 model-state bytes per worker, by ZeRO stage (weights, gradients, AdamW moments)."""
+    """Predicted model-state bytes per worker by ZeRO stage, fp32 under DeepSpeed: per trained parameter
+    4 (weights) + 4 (gradients) + 4 (DeepSpeed's fp32 master partition, a copy even in fp32) + 8 (AdamW
+    moments); per frozen parameter (the EMA heads) 4. Stage 1 shards master and moments, stage 2 also the
+    gradients, stage 3 also the weights. Buckets (engine.bucket_size) come on top."""
     with torch.device("meta"):
         task = TIPSv2Task(preset(name).task)
     unique = {id(p): p for p in task.parameters()}.values()
     trained = sum(p.numel() for p in unique if p.requires_grad)
     frozen = sum(p.numel() for p in unique if not p.requires_grad)
-    weights, grads, moments = 4 * trained, 4 * trained, 8 * trained
-    return {1: weights + grads + moments / workers + 4 * frozen,
-            2: weights + (grads + moments) / workers + 4 * frozen,
-            3: (weights + grads + moments + 4 * frozen) / workers}
+    weights, grads, optimizer = 4 * trained, 4 * trained, 12 * trained
+    return {1: weights + grads + optimizer / workers + 4 * frozen,
+            2: weights + (grads + optimizer) / workers + 4 * frozen,
+            3: (weights + grads + optimizer + 4 * frozen) / workers}
 
 
 def memory(stages: list[int], steps: int, batch: int, workers: int) -> list[dict]:
     sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
+            "engine.use_gpu=false", "engine.precision=fp32",
             f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
             "data.crops.local_size=56", "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
             "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
@@ -114,7 +120,9 @@ def memory(stages: list[int], steps: int, batch: int, workers: int) -> list[dict
             start = time.perf_counter()
             run(Job.PRETRAIN, cfg, root, knobs=Knobs())
             rows = read_history(root)
-        out.append({"zero_stage": stage, "workers": workers, "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
+        out.append({"zero_stage": stage, "workers": workers,
+                    "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],
+                    "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
                     "predicted_model_state_mb_per_worker": predicted[stage] / 2 ** 20,
                     "step_s": statistics.median(batch * workers / r["images_per_s"] for r in rows[1:] or rows),
                     "wall_s": time.perf_counter() - start})
@@ -129,14 +137,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker for B/14")
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-overhead", action="store_true", help="keep the overhead result already written")
     args = parser.parse_args(argv)
     result = {"machine": machine(), "note": "shared 2-core machine: timings are noisy"}
-    result["overhead"] = overhead(args.steps, args.warmup)
+    previous = RESULTS / "train.json"
+    if args.skip_overhead and previous.exists():
+        result["overhead"] = json.loads(previous.read_text())["overhead"]
+    else:
+        result["overhead"] = overhead(args.steps, args.warmup)
     print_table([result["overhead"]], ["batch", "plain_steps_per_s", "ray_steps_per_s", "ratio", "plain_data_s",
                                        "ray_data_wait_s", "ratio_without_data", "plain_wall_s", "ray_wall_s"])
     if not args.skip_memory:
         result["memory"] = memory(args.stages, args.memory_steps, args.memory_batch, workers=2)
-        print_table(result["memory"], ["zero_stage", "workers", "peak_rss_mb_per_worker",
+        print_table(result["memory"], ["zero_stage", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
     print(f"wrote {write_json('train', result)}")
 

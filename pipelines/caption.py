@@ -28,6 +28,7 @@ import json
 import queue
 import re
 import threading
+import time
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -35,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import cli, storage
+from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
 from tipsv2.data.schema import (DEFAULT_GRANULARITIES, ERRORS, Granularity, caption_column,
                                 captions_schema)
 
@@ -149,8 +151,13 @@ class CaptionConfig:
 
 
 def default() -> CaptionConfig:
-    """Production: Qwen2.5-VL-7B on GPUs via vLLM, images as chat content parts."""
-    return CaptionConfig(engine=EngineConfig(model_source="Qwen/Qwen2.5-VL-7B-Instruct", accelerator_type="H100",
+    """Production: Qwen2.5-VL-7B on GPUs via vLLM, images as chat content parts; each engine replica asks
+    for what `pipelines.resources` gives the caption stage (one inference GPU), so the autoscaler starts
+    the caption node type."""
+    request = RESOURCE_REQUESTS[Stage.CAPTION]
+    return CaptionConfig(engine=EngineConfig(model_source="Qwen/Qwen2.5-VL-7B-Instruct",
+                                             accelerator_type=accelerator(request) or "",
+                                             gpus_per_worker=request["GPU"], cpus_per_worker=request["CPU"],
                                              batch_size=64, concurrency=8, max_model_len=8192,
                                              engine_kwargs={"limit_mm_per_prompt": {"image": 1},
                                                             "enable_chunked_prefill": True}))
@@ -490,6 +497,31 @@ class Assembler:
             self.ready = []
 
 
+class Pace:
+    """When results arrive: the start-up (until the first batch: engine start included) apart from the
+    steady rate after it, which is what a long job runs at."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_at: float | None = None
+        self.last_at = self.start
+        self.first_rows = self.rows = 0
+
+    def arrived(self, rows: int) -> None:
+        self.last_at = time.perf_counter()
+        if self.first_at is None:
+            self.first_at, self.first_rows = self.last_at, rows
+        self.rows += rows
+
+    def metrics(self) -> dict[str, float]:
+        if self.first_at is None:
+            return {}
+        out = {"first_output_s": round(self.first_at - self.start, 3)}
+        if self.rows > self.first_rows and self.last_at > self.first_at:
+            out["steady_requests_per_s"] = round((self.rows - self.first_rows) / (self.last_at - self.first_at), 3)
+        return out
+
+
 def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     from pipelines import captioners
 
@@ -501,10 +533,12 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     files = caption_files(output)
     assembler = Assembler(cfg, output, todo, latest, generation=(files[-1][0] if files else 0) + 1)
     cli.write_resolved_config(output, cfg)
+    pace = Pace()
     if todo.num_rows:
         cli.init_ray(cfg.ray_num_cpus)
         results = captioners.caption_requests(cfg, source, todo)
         for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog):
+            pace.arrived(batch.num_rows)
             for result in batch.to_pylist():
                 assembler.add(result)
         assembler.flush()
@@ -519,7 +553,7 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
         "written": {"rows_this_run": assembler.committed, "files_this_run": len(assembler.files),
                     "captions_path": storage.join(output, CAPTIONS_DIR), "errors_path": storage.join(output, ERRORS_DIR),
                     **final},
-        "metrics": {"requests_per_s": round(todo.num_rows / max(caption_seconds, 1e-9), 3)},
+        "metrics": {"requests_per_s": round(todo.num_rows / max(caption_seconds, 1e-9), 3), **pace.metrics()},
         "mlflow_run_id": None, "wall_time_s": clock.seconds(),
     }
     cli.write_summary(output, summary)

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import cli, storage
+from pipelines.resources import RESOURCE_REQUESTS, Stage
 from tipsv2.data import schema
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -69,7 +70,7 @@ class IngestConfig:
     allowed_modes: tuple[str, ...] = RGB_CONVERTIBLE_MODES
     row_group_bytes: int = schema.ROW_GROUP_BYTES   # encoded image bytes per Parquet row group
     file_bytes: int = 384 * 1024 * 1024       # encoded image bytes per Parquet file
-    num_cpus_per_task: float = 1.0            # Ray CPUs per decode task
+    num_cpus_per_task: float = RESOURCE_REQUESTS[Stage.INGEST]["CPU"]   # Ray CPUs per decode task
     read_blocks: int = 0                      # input blocks; 0: about 4 per CPU in the cluster
 
 

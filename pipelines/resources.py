@@ -58,6 +58,14 @@ RESOURCE_REQUESTS: Mapping[Stage, ResourceDict] = MappingProxyType(
 )
 
 
+def accelerator(request: ResourceDict) -> str | None:
+    """The accelerator type a request pins (`"L4"` for `accelerator_type:L4`), or None."""
+    pins = [name.removeprefix(ACCELERATOR_PREFIX) for name in request if name.startswith(ACCELERATOR_PREFIX)]
+    if len(pins) > 1:
+        raise ValueError(f"request {dict(request)} pins {len(pins)} accelerator types; expected at most one")
+    return pins[0] if pins else None
+
+
 def ray_remote_options(request: ResourceDict) -> dict:
     """`request` as keyword arguments for `ray.remote` / `.options` / Ray Data `map_batches`.
 

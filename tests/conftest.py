@@ -85,10 +85,26 @@ def train_local_reference(train_cfg, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def train_zero2_reference(ray_local, train_cfg, tmp_path_factory):
-    """An uninterrupted Ray Train + DeepSpeed ZeRO-2 run, 2 workers (the resume tests' reference)."""
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 for the session: (process, URI)."""
+    from pipelines.testing import start_mlflow_server, stop_mlflow_server
+
+    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield process, uri
+    stop_mlflow_server(process)
+
+
+REFERENCE_EXPERIMENT = "train-zero2-reference"
+
+
+@pytest.fixture(scope="session")
+def train_zero2_reference(ray_local, mlflow_server, train_cfg, tmp_path_factory):
+    """An uninterrupted Ray Train + DeepSpeed ZeRO-2 run, 2 workers, tracked on the MLflow server (experiment
+    REFERENCE_EXPERIMENT): the reference of the loop-equivalence, resume and S3 tests, and the run the
+    MLflow test inspects. Returns (output, history, summary)."""
     from pipelines.train import Job, Knobs, read_history, run
 
     output = str(tmp_path_factory.mktemp("train_zero2_reference"))
-    run(Job.PRETRAIN, train_cfg("engine.zero_stage=2"), output, knobs=Knobs())
-    return output, read_history(output)
+    cfg = train_cfg("engine.zero_stage=2", f"tracking.uri={mlflow_server[1]}", f"tracking.experiment={REFERENCE_EXPERIMENT}")
+    summary = run(Job.PRETRAIN, cfg, output, knobs=Knobs())
+    return output, read_history(output), summary

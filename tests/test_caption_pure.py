@@ -245,3 +245,14 @@ def test_vllm_on_cpu_refuses_seeded_sampling_that_crashes_vllm_cpu():
     config = vllm_processor_config(config_tree.override(cfg, "sampling.seed=-1"))
     bundle = config.placement_group_config["bundles"][0]
     assert bundle["CPU"] == 1.0 and not bundle.get("GPU") and config.should_continue_on_error
+
+
+def test_pace_splits_the_start_up_from_the_steady_rate(monkeypatch):
+    clock = iter([100.0, 130.0, 132.0, 134.0])
+    monkeypatch.setattr(caption.time, "perf_counter", lambda: next(clock))
+    pace = caption.Pace()               # t = 100
+    assert pace.metrics() == {}         # nothing arrived yet
+    pace.arrived(32)                    # t = 130: the first batch, after the engine started
+    pace.arrived(32)                    # t = 132
+    pace.arrived(16)                    # t = 134
+    assert pace.metrics() == {"first_output_s": 30.0, "steady_requests_per_s": 12.0}   # 48 rows in 4 s

@@ -25,10 +25,12 @@ from ray.runtime_env import RuntimeEnv
 
 from pipelines.resources import (
     ACCELERATOR_PREFIX,
+    ACCELERATOR_SLIVER,
     H100,
     L4,
     RESOURCE_REQUESTS,
     Stage,
+    accelerator,
     fitting_node_types,
     node_type_resources,
     ray_remote_options,
@@ -315,3 +317,51 @@ def test_node_type_resources_refuses_what_is_not_a_cluster(tmp_path):
     empty.write_text("cluster_name: x\n")
     with pytest.raises(ValueError, match="available_node_types"):
         node_type_resources(empty)
+
+
+# --- the stages' code asks for what the table says -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["vit_s14", "vit_b14", "vit_l14", "vit_so400m14", "vit_g14"])
+def test_paper_presets_train_on_whole_training_nodes(name):
+    from pipelines.train import Job, rank_request
+    from tipsv2.configs import distill_preset, preset
+
+    train_gpu = worker_types("aws")["train_gpu"]
+    for job, cfg, stage in ((Job.PRETRAIN, preset(name), Stage.PRETRAIN),
+                            (Job.DISTILL, distill_preset(name), Stage.DISTILL)):
+        request = rank_request(job, cfg.engine)
+        assert request == dict(RESOURCE_REQUESTS[stage])
+        assert fitting_node_types(request, worker_types("aws")) == ["train_gpu"]
+        assert cfg.engine.workers % workers_per_node(request, train_gpu) == 0, "ranks fill whole nodes"
+
+
+def test_cpu_training_asks_only_for_its_cpus():
+    from pipelines.train import Job, rank_request
+    from tipsv2.configs import preset
+
+    assert rank_request(Job.PRETRAIN, preset("tiny").engine) == {"CPU": 1.0}
+
+
+def test_production_caption_replicas_ask_for_the_caption_request():
+    from pipelines.caption import default
+    from pipelines.captioners import placement
+
+    engine = default().engine
+    bundle = placement(default())["bundle_per_worker"]
+    replica = {**bundle, f"{ACCELERATOR_PREFIX}{engine.accelerator_type}": ACCELERATOR_SLIVER}
+    assert replica == dict(RESOURCE_REQUESTS[Stage.CAPTION])
+    assert fitting_node_types(replica, worker_types("gcp")) == ["caption_gpu"]
+
+
+def test_ingest_tasks_ask_for_the_ingest_request():
+    from pipelines.ingest import IngestConfig
+
+    assert {"CPU": IngestConfig().num_cpus_per_task} == dict(RESOURCE_REQUESTS[Stage.INGEST])
+
+
+def test_accelerator_reads_the_pin():
+    assert accelerator({"CPU": 1, "GPU": 1, L4: ACCELERATOR_SLIVER}) == "L4"
+    assert accelerator({"CPU": 1}) is None
+    with pytest.raises(ValueError, match="pins 2 accelerator types"):
+        accelerator({L4: 0.001, H100: 0.001})

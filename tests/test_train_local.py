@@ -169,3 +169,19 @@ def test_read_texts_left_joins_captions_by_id_and_rejects_repeated_ids(tmp_path)
     pq.write_table(pa.table({"id": ["a"], "caption_long": ["again"]}), tmp_path / "captions" / "more.parquet")
     with pytest.raises(ValueError, match="repeats ids"):
         data.read_texts(data.Source(images=str(tmp_path / "images"), captions=str(tmp_path / "captions")))
+
+
+def test_live_tensor_mb_counts_each_storage_once_and_gradients_made_in_cpp():
+    from pipelines.train import live_tensor_mb
+
+    before = live_tensor_mb()
+    block = torch.zeros(1024, 1024)                      # 4 MiB
+    views = [block[:10], block.view(-1)]                 # views share the storage: counted once
+    assert live_tensor_mb() - before == pytest.approx(4.0, abs=0.05)
+    layer = torch.nn.Linear(1024, 1024, bias=False)      # 4 MiB of weight
+    layer(torch.ones(1, 1024)).sum().backward()          # autograd's 4 MiB .grad has no Python object yet
+    without = live_tensor_mb()
+    with_grads = live_tensor_mb(layer.parameters())
+    assert with_grads - before == pytest.approx(12.0, abs=0.1)
+    assert without <= with_grads
+    del views

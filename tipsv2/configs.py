@@ -63,10 +63,13 @@ class EngineConfig:
     checkpoint_every: int = 100           # steps between checkpoints
     keep_checkpoints: int = 2
     max_failures: int = 0                 # Ray Train FailureConfig: worker failures survived by resuming
+    bucket_size: int = 50_000_000         # elements per ZeRO reduce / all-gather / prefetch bucket
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"engine zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.bucket_size < 1:
+            raise ValueError(f"engine bucket_size must be >= 1 element, got {self.bucket_size}")
         if self.workers < 1 or self.grad_accum < 1:
             raise ValueError(f"engine workers and grad_accum must be >= 1, got {self.workers}, {self.grad_accum}")
 
@@ -128,10 +131,13 @@ def demo() -> PretrainConfig:
                                 patch=replace(cfg.task.patch, teacher_temp_warmup_steps=100)))
 
 
-def _paper(name: str, *, batch_size: int, layer_decay: float) -> PretrainConfig:
-    """The recipe at a paper size: 224 px global / 98 px local crops, 6 local crops, 32768 prototypes."""
+def _paper(name: str, *, batch_size: int, layer_decay: float, zero_stage: int = 2) -> PretrainConfig:
+    """The recipe at a paper size: 224 px global / 98 px local crops, 6 local crops, 32768 prototypes;
+    on one 8-GPU training node in bf16 (`--set engine.workers=16` for two nodes; `batch_size` is per GPU)."""
     return PretrainConfig(task=TaskConfig(model=model_config(name)), data=DataConfig(batch_size=batch_size),
                           optim=OptimConfig(lr=5e-4, warmup_steps=10_000, weight_decay=0.05, layer_decay=layer_decay),
+                          engine=EngineConfig(workers=8, use_gpu=True, precision=Precision.BF16,
+                                              zero_stage=zero_stage, checkpoint_every=2000),
                           steps=500_000, log_every=50)
 
 
@@ -142,7 +148,7 @@ PRESETS: dict[str, Callable[[], PretrainConfig]] = {
     "vit_b14": lambda: _paper("vit_b14", batch_size=128, layer_decay=1.0),
     "vit_l14": lambda: _paper("vit_l14", batch_size=64, layer_decay=0.9),
     "vit_so400m14": lambda: _paper("vit_so400m14", batch_size=32, layer_decay=0.9),
-    "vit_g14": lambda: _paper("vit_g14", batch_size=32, layer_decay=0.9),
+    "vit_g14": lambda: _paper("vit_g14", batch_size=32, layer_decay=0.9, zero_stage=3),
 }
 
 
