@@ -47,7 +47,7 @@ CAPTION_COLUMNS = [caption_column(g) for g in Granularity]
 PREFETCH_BATCHES = 4         # decoded batches buffered ahead of the trainer, per rank
 SORT_ROWS_PER_PARTITION = 4096   # rows per reduce task of the per-epoch sort
 DECODE_CPUS = 0.5            # Ray CPUs per decode task (crops are light next to a training step)
-LIGHT_CPUS = 0.25           # Ray CPUs per read / select task (I/O and filtering)
+LIGHT_CPUS = 0.25            # Ray CPUs per read / select task (I/O and filtering)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
