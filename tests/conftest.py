@@ -30,7 +30,10 @@ def ray_local(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # Idle workers kept warm (Ray's default keeps num_cpus of them): the trainer tests' Ray Data tasks
+        # then reuse processes that imported torch already; measured 72 -> 59 s per later 4-step run.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 _system_config={"num_workers_soft_limit": 12})
     yield ray
     ray.shutdown()
 
