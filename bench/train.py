@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.train                         # both parts (~10-20 min on 2 busy cores)
     .venv/bin/python -m bench.train --skip-memory           # only the overhead ratio (~3 min)
 
-1. Overhead, in one run: steps/s of the tiny preset through Ray Train + DeepSpeed (1 worker, ZeRO-2,
-   Ray Data feeding the batches) vs tipsv2.loop.train_local (data prepared inline), same model, batch and
+1. Overhead, in one run: steps/s of the tiny preset through Ray Train + DeepSpeed (1 worker; ZeRO-2
+   and ZeRO-0 at batch 8, ZeRO-2 at batch 32; Ray Data feeding the batches) vs tipsv2.loop.train_local (data prepared inline), same model, batch and
    data, one torch thread each. Steady state = median step time after `--warmup` steps; the ratio
    (distributed / plain steps/s, goal >= 0.95) is computed on it. Also split: the plain loop's inline
    batch preparation vs the time the engine waited for Ray Data, and the ratio without either.
@@ -46,9 +46,10 @@ def configure(name: str, sets: list[str], merge: dict | None = None):
     return cfg
 
 
-def overhead(steps: int, warmup: int) -> dict:
-    sets = [f"steps={steps}", "log_every=1000", "engine.workers=1", "engine.zero_stage=2",
-            f"engine.checkpoint_every={steps}", "data.synthetic.val_size=4", "data.synthetic.test_size=4"]
+def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
+    sets = [f"steps={steps}", "log_every=1000", "engine.workers=1", f"engine.zero_stage={stage}",
+            f"data.batch_size={batch}", f"engine.checkpoint_every={steps}", "data.synthetic.val_size=4",
+            "data.synthetic.test_size=4"]
     cfg = configure("tiny", sets)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as root:
@@ -79,7 +80,7 @@ def overhead(steps: int, warmup: int) -> dict:
     ray_wait = statistics.median(r["time/data_wait_s"] for r in rows)
     plain_compute, ray_compute = plain_s - plain_data, statistics.median(r["time/step_s"] - r["time/data_wait_s"]
                                                                          for r in rows)
-    return {"steps": steps, "warmup": warmup, "batch": cfg.data.batch_size, "plain_step_s": plain_s,
+    return {"steps": steps, "warmup": warmup, "batch": cfg.data.batch_size, "zero_stage": stage, "plain_step_s": plain_s,
             "ray_step_s": ray_s, "plain_steps_per_s": 1 / plain_s, "ray_steps_per_s": 1 / ray_s,
             "ratio": plain_s / ray_s, "plain_data_s": plain_data, "ray_data_wait_s": ray_wait,
             "plain_compute_s": plain_compute, "ray_compute_s": ray_compute,
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker for B/14")
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="ZeRO stages of the memory table")
+    parser.add_argument("--overhead-runs", nargs="+", default=["2:8", "0:8", "2:32"], metavar="STAGE:BATCH",
+                        help="ZeRO stage and batch of each overhead comparison (one worker)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-overhead", action="store_true", help="keep the overhead result already written")
     args = parser.parse_args(argv)
@@ -144,9 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_overhead and previous.exists():
         result["overhead"] = json.loads(previous.read_text())["overhead"]
     else:
-        result["overhead"] = overhead(args.steps, args.warmup)
-    print_table([result["overhead"]], ["batch", "plain_steps_per_s", "ray_steps_per_s", "ratio", "plain_data_s",
-                                       "ray_data_wait_s", "ratio_without_data", "plain_wall_s", "ray_wall_s"])
+        result["overhead"] = [overhead(args.steps, args.warmup, stage=int(run.split(":")[0]),
+                                       batch=int(run.split(":")[1])) for run in args.overhead_runs]
+    print_table(result["overhead"], ["zero_stage", "batch", "plain_steps_per_s", "ray_steps_per_s", "ratio",
+                                     "plain_data_s", "ray_data_wait_s", "ratio_without_data", "plain_wall_s",
+                                     "ray_wall_s"])
     if not args.skip_memory:
         result["memory"] = memory(args.stages, args.memory_steps, args.memory_batch, workers=2)
         print_table(result["memory"], ["zero_stage", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",

@@ -1,6 +1,7 @@
 """The command line every stage shares.
 
     python -m pipelines.<stage> --config NAME_OR_FILE [--set key.path=value ...] --output URI
+    python -m pipelines.<stage> --config NAME_OR_FILE [--set ...] --print-config     # every key, resolved
 
 NAME is a preset of the stage; FILE is a JSON file merged over the stage's `default` preset. Each
 `--set` goes through `tipsv2.config_tree.override`, so an unknown key fails with the valid ones.
@@ -46,13 +47,20 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
     parser.add_argument("--config", default="default", help=f"preset {sorted(presets)} or a JSON file")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable)")
-    parser.add_argument("--output", required=True, help="output root: a local path or s3://bucket/prefix")
+    parser.add_argument("--output", help="output root: a local path or s3://bucket/prefix")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every key, as JSON) and exit")
     args = parser.parse_args(argv)
     try:
         cfg = resolve_config(args.config, presets, args.sets)
     except ValueError as err:
         parser.error(str(err))
-    return cfg, args.output
+    if args.print_config:
+        print(json.dumps(config_tree.to_dict(cfg), indent=2))
+        raise SystemExit(0)
+    if not args.output:
+        parser.error("the following arguments are required: --output")
+    return cfg, storage.absolute(args.output)
 
 
 def write_resolved_config(output_uri: str, cfg: Any) -> None:

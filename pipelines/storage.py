@@ -50,6 +50,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (it then means the same in every process); other URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def join(uri: str, *parts: str) -> str:
     if is_s3(uri):
         return posixpath.join(uri.rstrip("/"), *parts)

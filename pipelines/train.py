@@ -110,6 +110,7 @@ class Plan:
     tracking_uri: str | None = None   # resolved by the driver, so rank 0 logs where the driver does
     resume_from: str | None = None    # URI of the checkpoint a rerun starts from (Ray Train's own comes first)
     knobs: Knobs = Knobs()
+    cwd: str = dataclasses.field(default_factory=os.getcwd)   # the driver's: relative paths in cfg mean the same
 
 
 @dataclasses.dataclass
@@ -774,7 +775,10 @@ def cpu_copies(model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead,
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    Worker(config["plan"]).run()
+    plan = config["plan"]
+    if os.path.isdir(plan.cwd):   # Ray starts workers elsewhere; on another node the path may not exist
+        os.chdir(plan.cwd)
+    Worker(plan).run()
 
 
 # ---------------------------------------------------------------- export and heatmaps (rank 0 / local)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,24 @@ def test_micro_batches_per_epoch_needs_one_global_batch():
 def test_cli_flags():
     assert split_local(["--config", "tiny", "--local"]) == (["--config", "tiny"], True)
     assert split_teacher(["--teacher", "a/b", "--teacher=c.npz"]) == ["--set", "teacher=a/b", "--set", "teacher=c.npz"]
+
+
+def test_print_config_prints_every_resolved_key_and_needs_no_output(capsys):
+    from pipelines import pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--config", "vit_b14", "--set", "engine.workers=16", "--print-config"])
+    assert exit_info.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["engine"]["workers"] == 16 and printed["engine"]["use_gpu"] is True
+    assert printed["task"]["model"]["vision"]["width"] == 768 and printed["engine"]["bucket_size"] == 50_000_000
+    from pipelines import cli
+    _, output = cli.parse_stage_args(["--config", "tiny", "--output", "outputs/x"], {"tiny": lambda: None})
+    assert output == str(Path.cwd() / "outputs" / "x")   # relative outputs mean the same in every process
+    with pytest.raises(SystemExit) as exit_info:     # without --print-config, --output is required
+        pretrain.main(["--config", "tiny"])
+    assert exit_info.value.code == 2
+    assert "--output" in capsys.readouterr().err
 
 
 def test_vision_flops_estimate_matches_torch_flop_counter():

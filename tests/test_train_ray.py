@@ -8,6 +8,8 @@ the bound below is 1e-5. Pretraining runs ZeRO-2 and ZeRO-3, distillation ZeRO-1
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -54,13 +56,14 @@ def test_zero3_matches_the_loop_and_its_ema_moves_the_partitioned_teacher(ray_lo
 
 
 def test_distillation_through_ray_zero1_matches_the_local_distillation_loop(ray_local, train_cfg, train_local_reference,
-                                                                      tmp_path):
-    teacher = f"{train_local_reference[0]}/export"
+                                                                            tmp_path, monkeypatch):
+    # Relative paths (output, teacher) as `make demo` passes them: they mean the same in the Ray workers.
+    monkeypatch.chdir(tmp_path)
+    teacher = os.path.relpath(f"{train_local_reference[0]}/export", tmp_path)
     sets = (f"teacher={teacher}",)
     run(Job.DISTILL, train_cfg("data.batch_size=8", "engine.workers=1", *sets, base=distill_preset_tiny),
-        str(tmp_path / "local"), local=True)
-    run(Job.DISTILL, train_cfg("engine.zero_stage=1", *sets, base=distill_preset_tiny), str(tmp_path / "ray"),
-        knobs=Knobs())
+        "local", local=True)
+    run(Job.DISTILL, train_cfg("engine.zero_stage=1", *sets, base=distill_preset_tiny), "ray", knobs=Knobs())
     got, expected = read_history(str(tmp_path / "ray")), read_history(str(tmp_path / "local"))
     assert len(got) == 4
     assert_same_losses(got, expected)
