@@ -654,7 +654,7 @@ class Worker:
             tracking = dataclasses.replace(self.cfg.tracking, uri=self.plan.tracking_uri or self.cfg.tracking.uri)
             self.sink = open_sink(tracking, output_root=self.plan.output, run_id=self.state.run_id)
         stream = self.stream()
-        bar = progress_bar(self.plan.job.value, total=self.cfg.steps, done=self.state.step) if self.rank == 0 else None
+        bar = Progress(self.plan.job.value, total=self.cfg.steps, done=self.state.step) if self.rank == 0 else None
         try:
             for step in range(self.state.step, self.cfg.steps):
                 self.maybe_fail(step)
@@ -666,17 +666,13 @@ class Worker:
                 self.state.history.append(row)
                 self.state.step = step + 1
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(loss=row["loss/total"])
                 if step % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
                     self.sink.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                    if bar is not None:
-                        bar.set_description(f"{self.plan.job.value} loss {row['loss/total']:.3f}")
                 if self.state.step % self.cfg.engine.checkpoint_every == 0 or self.state.step == self.cfg.steps:
                     self.save({"step": self.state.step, **{k: v for k, v in row.items() if k.startswith("loss/")}})
         finally:
             stream.close()
-            if bar is not None:
-                bar.close()
         self.export()
         return {}
 
@@ -694,14 +690,32 @@ class Worker:
             self.sink.close()
 
 
-def progress_bar(name: str, *, total: int, done: int):
-    """A step bar drawn by the driver (Ray's tqdm for workers): description, count, rate and ETA."""
-    from ray.experimental.tqdm_ray import tqdm
+class Progress:
+    """A one-line progress bar printed every `every_s` seconds and at the end: it reads the same on a
+    terminal, through Ray's log forwarding and in `ray job logs` (no carriage returns)."""
 
-    bar = tqdm(desc=name, total=total, unit="step", flush_interval_s=2.0)
-    if done:
-        bar.update(done)
-    return bar
+    WIDTH = 24
+
+    def __init__(self, name: str, *, total: int, done: int = 0, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] | None = None) -> None:
+        self.name, self.total, self.done, self.every_s = name, total, done, every_s
+        self.clock, self.emit = clock, emit or (lambda line: print(line, flush=True))
+        self.start = self.last = clock()
+        self.first = done
+
+    def update(self, *, loss: float, steps: int = 1) -> None:
+        self.done += steps
+        now = self.clock()
+        if now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            self.emit(self.line(now, loss))
+
+    def line(self, now: float, loss: float) -> str:
+        filled = self.WIDTH * self.done // max(self.total, 1)
+        rate = (self.done - self.first) / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return (f"[{self.name}] |{'#' * filled}{'.' * (self.WIDTH - filled)}| {self.done}/{self.total} steps, "
+                f"{rate:.2f} step/s, {now - self.start:.0f} s elapsed, eta {eta:.0f} s, loss {loss:.4g}")
 
 
 @contextlib.contextmanager

@@ -204,3 +204,17 @@ def test_live_tensor_mb_counts_each_storage_once_and_gradients_made_in_cpp():
     assert with_grads - before == pytest.approx(12.0, abs=0.1)
     assert without <= with_grads
     del views
+
+
+def test_progress_prints_a_bar_every_interval_and_at_the_end():
+    from pipelines.train import Progress
+
+    now, lines = [0.0], []
+    bar = Progress("pretrain", total=8, done=2, every_s=10.0, clock=lambda: now[0], emit=lines.append)
+    for t in (4.0, 8.0, 12.0, 16.0, 20.0, 24.0):   # 6 steps, one every 4 s (2 done before a resume)
+        now[0] = t
+        bar.update(loss=1.5)
+    assert lines == [
+        "[pretrain] |###############.........| 5/8 steps, 0.25 step/s, 12 s elapsed, eta 12 s, loss 1.5",
+        "[pretrain] |########################| 8/8 steps, 0.25 step/s, 24 s elapsed, eta 0 s, loss 1.5",
+    ]
