@@ -29,7 +29,7 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -501,14 +501,15 @@ class Pace:
     """When results arrive: the start-up (until the first batch: engine start included) apart from the
     steady rate after it, which is what a long job runs at."""
 
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.start = clock()
         self.first_at: float | None = None
         self.last_at = self.start
         self.first_rows = self.rows = 0
 
     def arrived(self, rows: int) -> None:
-        self.last_at = time.perf_counter()
+        self.last_at = self.clock()
         if self.first_at is None:
             self.first_at, self.first_rows = self.last_at, rows
         self.rows += rows
