@@ -47,7 +47,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         return _s3_filesystem(), path
     if "://" in uri:
         raise ValueError(f"unsupported URI scheme in {uri!r}; expected a local path or s3://bucket/prefix")
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.LocalFileSystem(), absolute(uri)
 
 
 def absolute(uri: str) -> str:

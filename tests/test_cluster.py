@@ -327,13 +327,13 @@ def test_paper_presets_train_on_whole_training_nodes(name):
     from pipelines.train import Job, rank_request
     from tipsv2.configs import distill_preset, preset
 
-    train_gpu = worker_types("aws")["train_gpu"]
+    types = worker_types("aws")
     for job, cfg, stage in ((Job.PRETRAIN, preset(name), Stage.PRETRAIN),
                             (Job.DISTILL, distill_preset(name), Stage.DISTILL)):
         request = rank_request(job, cfg.engine)
         assert request == dict(RESOURCE_REQUESTS[stage])
-        assert fitting_node_types(request, worker_types("aws")) == ["train_gpu"]
-        assert cfg.engine.workers % workers_per_node(request, train_gpu) == 0, "ranks fill whole nodes"
+        assert fitting_node_types(request, types) == ["train_gpu"]
+        assert cfg.engine.workers % workers_per_node(request, types["train_gpu"]) == 0, "ranks fill whole nodes"
 
 
 def test_cpu_training_asks_only_for_its_cpus():
@@ -347,9 +347,9 @@ def test_production_caption_replicas_ask_for_the_caption_request():
     from pipelines.caption import default
     from pipelines.captioners import placement
 
-    engine = default().engine
-    bundle = placement(default())["bundle_per_worker"]
-    replica = {**bundle, f"{ACCELERATOR_PREFIX}{engine.accelerator_type}": ACCELERATOR_SLIVER}
+    cfg = default()
+    bundle = placement(cfg)["bundle_per_worker"]
+    replica = {**bundle, f"{ACCELERATOR_PREFIX}{cfg.engine.accelerator_type}": ACCELERATOR_SLIVER}
     assert replica == dict(RESOURCE_REQUESTS[Stage.CAPTION])
     assert fitting_node_types(replica, worker_types("gcp")) == ["caption_gpu"]
 
