@@ -4,22 +4,28 @@
     .venv/bin/python -m bench.train --skip-memory           # only the overhead ratio (~3 min)
 
 1. Overhead, in one run: steps/s of the tiny preset through Ray Train + DeepSpeed (1 worker; ZeRO-2
-   and ZeRO-0 at batch 8, ZeRO-2 at batch 32; Ray Data feeding the batches) vs tipsv2.loop.train_local (data prepared inline), same model, batch and
-   data, one torch thread each. Steady state = median step time after `--warmup` steps; the ratio
-   (distributed / plain steps/s, goal >= 0.95) is computed on it. Also split: the plain loop's inline
-   batch preparation vs the time the engine waited for Ray Data, and the ratio without either.
-   Start-up (Ray workers, DeepSpeed, the first Ray Data execution) is reported as end-to-end wall time.
+   and ZeRO-0 at batch 8, ZeRO-2 at batch 32; Ray Data feeding the batches) vs tipsv2.loop.train_local
+   (data prepared inline), same model, batch and data, one torch thread each. Steady state = median step
+   time after `--warmup` steps (the ratio, distributed / plain steps/s, goal >= 0.95); `ratio_mean` uses
+   mean step times, so epoch boundaries count. The gap is split in the same run by a third arm: the
+   distributed path's step (pipelines.train.Worker, DeepSpeed) in this process without Ray, fed inline:
+   `deepspeed_ratio_without_data` = plain / DeepSpeed-alone compute, `ray_ratio_without_data` =
+   DeepSpeed-alone / Ray compute (compute = step minus data preparation or wait).
 2. Memory: B/14 on CPU with 2 workers at ZeRO 1, 2 and 3 (a few steps, 2 rows per worker, 112 px
    crops to keep CPU steps short): per worker, the tensors held at the last step's peak (the larger of
    after-backward and after-step: weights, gradients, optimizer state, ZeRO's buffers; activations are
    freed by then) beside the model-state bytes ZeRO predicts (`model_state_bytes`), and the peak
    resident memory (which also holds freed allocator pages, activations and libraries).
 
-Measured (bench/results/train.json, quiet 2-core machine): overhead ratio 0.78 (ZeRO-2, batch 8), 0.85
-(ZeRO-0, batch 8), 0.79 (ZeRO-2, batch 32); the engine hardly waits for Ray Data (< 1 ms a step), the
-gap is in the step itself. B/14 tensors held per worker: ZeRO-1 2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB
-(predicted 3112 / 2684 / 2199). DeepSpeed 0.19.8's stage 1 ends the step holding what stage 2 holds, so
-the two are equal; with DeepSpeed's default 5e8-element buckets ZeRO-3 held 4109 MB (engine.bucket_size).
+Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean): ZeRO-0 batch 8 0.99 /
+0.97, ZeRO-2 batch 32 1.06 / 0.97, ZeRO-2 batch 8 0.87 / 0.80. Ray's own share is 4-5 % of compute
+(ray_ratio_without_data 0.95-1.03); the rest at ZeRO-2 batch 8 is DeepSpeed's ZeRO-2 bookkeeping (a
+gradient hook, bucket copies and a flat fp32 step per parameter, about 20 ms a step whatever the batch:
+deepspeed_ratio_without_data 0.78), which the batch-32 step amortises. The Ray Data feed hides the data
+preparation the plain loop does inline (ratio above 1 at batch 32). B/14 tensors held per worker: ZeRO-1
+2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 3112 / 2684 / 2199). DeepSpeed 0.19.8's stage 1 ends
+the step holding what stage 2 holds, so the two are equal; with DeepSpeed's default 5e8-element buckets
+ZeRO-3 held 4109 MB (engine.bucket_size).
 
 On a machine shared with other jobs the timings are noisy; rerun for a second sample. Writes
 bench/results/train.json.
@@ -28,7 +34,10 @@ bench/results/train.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import socket
 import statistics
 import tempfile
 import time
@@ -37,7 +46,7 @@ import torch
 
 from bench.common import RESULTS, machine, print_table, write_json
 from pipelines import data
-from pipelines.train import Job, Knobs, prepare_tokenizer, read_history, run
+from pipelines.train import Job, Knobs, Plan, Worker, prepare_tokenizer, read_history, run
 from tipsv2 import config_tree
 from tipsv2.configs import preset
 from tipsv2.loop import endless, train_local
@@ -52,6 +61,37 @@ def configure(name: str, sets: list[str], merge: dict | None = None):
     return cfg
 
 
+@contextlib.contextmanager
+def single_rank_group():
+    """The environment torch.distributed reads to make this process the only rank (gloo), as Ray Train sets
+    it. The group outlives the block: DeepSpeed caches it, so the next engine in this process reuses it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    names = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+             "LOCAL_WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def deepspeed_alone(cfg, *, output: str, source, tokenizer_path: str, stream) -> list[dict]:
+    """The distributed path's step without Ray: pipelines.train.Worker (DeepSpeed engine, loss checks, the
+    metrics row) as the only rank of this process, fed inline by `stream`. Its rows time the data apart."""
+    plan = Plan(job=Job.PRETRAIN, cfg=cfg, output=output, source=source, ids=[], texts_ref=None,
+                tokenizer=tokenizer_path, run_id=None)
+    with single_rank_group():
+        worker = Worker(plan, rank=0, world=1)
+        return [worker.step(step, stream) for step in range(cfg.steps)]
+
+
 def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
     sets = [f"steps={steps}", "log_every=1000", "engine.workers=1", f"engine.zero_stage={stage}",
             f"data.batch_size={batch}", f"engine.checkpoint_every={steps}", "data.synthetic.val_size=4",
@@ -62,13 +102,17 @@ def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
         plain_out, ray_out = f"{root}/plain", f"{root}/ray"
         source = data.prepare_source(cfg.data, plain_out)
         texts = data.read_texts(source)
-        tokenizer = Tokenizer(prepare_tokenizer(cfg, plain_out, texts), max_len=cfg.task.model.text.max_len)
+        tokenizer_path = prepare_tokenizer(cfg, plain_out, texts)
+        tokenizer = Tokenizer(tokenizer_path, max_len=cfg.task.model.text.max_len)
         records = data.read_records(source, texts)
         stamps = [time.perf_counter()]
         start = time.perf_counter()
         train_local(cfg, records=records, tokenizer=tokenizer, on_step=lambda s, r: stamps.append(time.perf_counter()))
         plain_wall = time.perf_counter() - start
-        plain_steps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+        plain_steps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:-1]
+        alone = deepspeed_alone(cfg, output=plain_out, source=source, tokenizer_path=tokenizer_path,
+                                stream=endless(records, data=cfg.data, seed=cfg.seed, patch_size=14,
+                                               tokenizer=tokenizer))[warmup:-1]
         start = time.perf_counter()
         run(Job.PRETRAIN, cfg, ray_out, knobs=Knobs())
         ray_wall = time.perf_counter() - start
@@ -80,19 +124,25 @@ def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
             before = time.perf_counter()
             next(stream)
             data_times.append(time.perf_counter() - before)
-    rows = rows[warmup:]
+    rows = rows[warmup:-1]   # the last step also walks every live tensor (the memory metric)
     plain_s, ray_s = statistics.median(plain_steps), statistics.median(r["time/step_s"] for r in rows)
-    plain_data = statistics.median(data_times[warmup:])
+    plain_data = statistics.median(data_times[warmup:-1])
     ray_wait = statistics.median(r["time/data_wait_s"] for r in rows)
-    plain_compute, ray_compute = plain_s - plain_data, statistics.median(r["time/step_s"] - r["time/data_wait_s"]
-                                                                         for r in rows)
-    return {"steps": steps, "warmup": warmup, "batch": cfg.data.batch_size, "zero_stage": stage, "plain_step_s": plain_s,
-            "ray_step_s": ray_s, "plain_steps_per_s": 1 / plain_s, "ray_steps_per_s": 1 / ray_s,
-            "ratio": plain_s / ray_s, "plain_data_s": plain_data, "ray_data_wait_s": ray_wait,
-            "plain_compute_s": plain_compute, "ray_compute_s": ray_compute,
+
+    def compute(arm: list[dict]) -> float:
+        return statistics.median(r["time/step_s"] - r["time/data_wait_s"] for r in arm)
+
+    plain_compute, alone_compute, ray_compute = plain_s - plain_data, compute(alone), compute(rows)
+    plain_mean, ray_mean = statistics.mean(plain_steps), statistics.mean(r["time/step_s"] for r in rows)
+    return {"steps": steps, "warmup": warmup, "batch": cfg.data.batch_size, "zero_stage": stage,
+            "plain_step_s": plain_s, "ray_step_s": ray_s, "plain_steps_per_s": 1 / plain_s, "ray_steps_per_s": 1 / ray_s,
+            "ratio": plain_s / ray_s, "plain_mean_step_s": plain_mean, "ray_mean_step_s": ray_mean,
+            "ratio_mean": plain_mean / ray_mean,
+            "plain_data_s": plain_data, "ray_data_wait_s": ray_wait,
+            "plain_compute_s": plain_compute, "deepspeed_compute_s": alone_compute, "ray_compute_s": ray_compute,
             "ratio_without_data": plain_compute / ray_compute,
-            "plain_mean_step_s": statistics.mean(plain_steps),
-            "ray_mean_step_s": statistics.mean(r["time/step_s"] for r in rows),
+            "deepspeed_ratio_without_data": plain_compute / alone_compute,
+            "ray_ratio_without_data": alone_compute / ray_compute,
             "plain_wall_s": plain_wall, "ray_wall_s": ray_wall}
 
 
@@ -145,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="ZeRO stages of the memory table")
     parser.add_argument("--overhead-runs", nargs="+", default=["2:8", "0:8", "2:32"], metavar="STAGE:BATCH",
                         help="ZeRO stage and batch of each overhead comparison (one worker)")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="keep the memory result already written")
     parser.add_argument("--skip-overhead", action="store_true", help="keep the overhead result already written")
     args = parser.parse_args(argv)
     result = {"machine": machine(), "note": "shared 2-core machine: timings are noisy"}
@@ -156,10 +206,13 @@ def main(argv: list[str] | None = None) -> None:
         result["overhead"] = [overhead(args.steps, args.warmup, stage=int(run.split(":")[0]),
                                        batch=int(run.split(":")[1])) for run in args.overhead_runs]
     print_table(result["overhead"], ["zero_stage", "batch", "plain_steps_per_s", "ray_steps_per_s", "ratio",
-                                     "plain_data_s", "ray_data_wait_s", "ratio_without_data", "plain_wall_s",
-                                     "ray_wall_s"])
-    if not args.skip_memory:
+                                     "ratio_mean", "plain_data_s", "ray_data_wait_s", "ratio_without_data",
+                                     "deepspeed_ratio_without_data", "ray_ratio_without_data", "ray_wall_s"])
+    if args.skip_memory and previous.exists():
+        result["memory"] = json.loads(previous.read_text()).get("memory")
+    elif not args.skip_memory:
         result["memory"] = memory(args.stages, args.memory_steps, args.memory_batch, workers=2)
+    if result.get("memory"):
         print_table(result["memory"], ["zero_stage", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
     print(f"wrote {write_json('train', result)}")

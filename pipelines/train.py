@@ -464,12 +464,9 @@ def read_history(output: str) -> list[dict[str, float]]:
 class Worker:
     """One Ray Train rank: engine, data stream, state; `run()` trains to cfg.steps."""
 
-    def __init__(self, plan: Plan) -> None:
-        import ray.train
-
+    def __init__(self, plan: Plan, *, rank: int, world: int) -> None:
         self.plan, self.cfg = plan, plan.cfg
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.rank, self.world = rank, world
         self.device = self._init_distributed()
         import deepspeed
 
@@ -788,11 +785,14 @@ def cpu_copies(model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead,
 
 def train_worker(config: dict) -> None:
     """Ray Train's per-worker entry."""
+    import ray.train
+
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     plan = config["plan"]
     if os.path.isdir(plan.cwd):   # Ray starts workers elsewhere; on another node the path may not exist
         os.chdir(plan.cwd)
-    Worker(plan).run()
+    context = ray.train.get_context()
+    Worker(plan, rank=context.get_world_rank(), world=context.get_world_size()).run()
 
 
 # ---------------------------------------------------------------- export and heatmaps (rank 0 / local)

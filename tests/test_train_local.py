@@ -137,13 +137,61 @@ def test_distill_without_a_teacher_fails_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_local_reference, train_cfg):
-    """Two ranks of 4 rows through Ray Data (read, select, sort, decode) == the loop's batches of 8."""
+def split_parquet(uri: str, root: Path, *, files: int, row_group_rows: int) -> str:
+    """The rows of the Parquet at `uri` again, shuffled, in `files` files of row groups of `row_group_rows`."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(uri)
+    table = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    root.mkdir(parents=True)
+    step = -(-table.num_rows // files)
+    for k in range(files):
+        pq.write_table(table.slice(k * step, step), root / f"part-{k}.parquet", row_group_size=row_group_rows)
+    return str(root)
+
+
+def test_parquet_pieces_are_every_row_group_once_and_read_back_every_wanted_row(train_local_reference, train_cfg,
+                                                                               tmp_path):
+    import pyarrow.parquet as pq
+
+    output, _ = train_local_reference
+    source = data.prepare_source(train_cfg().data, output)
+    whole = pq.read_table(source.images, columns=["id", "image"])
+    split = split_parquet(source.images, tmp_path / "split", files=3, row_group_rows=5)
+    pieces = data.parquet_pieces(split)
+    per_file = -(-whole.num_rows // 3)
+    sizes = [per_file] * 2 + [whole.num_rows - 2 * per_file]
+    assert len(pieces) == sum(-(-n // 5) for n in sizes)
+    assert len({(p["path"], p["row_group"]) for p in pieces}) == len(pieces)
+    assert data.parquet_pieces(str(tmp_path / "split" / "part-0.parquet")) == [p for p in pieces
+                                                                              if p["path"].endswith("part-0.parquet")]
+    ids = whole.column("id").to_pylist()
+    wanted = {ids[i]: 100 + i for i in range(0, len(ids), 3)}
+    import pyarrow as pa
+    fs, _ = data.storage.filesystem(split)
+    got = data._read_pieces(pa.Table.from_pylist(pieces), filesystem=fs, wanted=wanted)
+    assert sorted(zip(got.column("id").to_pylist(), got.column("position").to_pylist())) == sorted(wanted.items())
+    images = dict(zip(ids, whole.column("image").to_pylist()))
+    assert all(images[i] == b for i, b in zip(got.column("id").to_pylist(), got.column("image").to_pylist()))
+    with pytest.raises(ValueError, match="no Parquet at"):
+        data.parquet_pieces(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("layout", ["one_file", "three_files_of_row_groups_of_5"])
+def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_local_reference, train_cfg, layout,
+                                                               tmp_path):
+    """Two ranks of 4 rows through Ray Data (read, select, sort, decode) == the loop's batches of 8, whatever
+    the files and row groups of the image Parquet."""
+    import dataclasses
+
     import ray
 
     output, _ = train_local_reference
     cfg = train_cfg()
     source = data.prepare_source(cfg.data, output)
+    if layout != "one_file":
+        source = dataclasses.replace(source, images=split_parquet(source.images, tmp_path / "split", files=3,
+                                                                  row_group_rows=5))
     texts = data.read_texts(source)
     tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=32)
     spec = data.StreamSpec(batch_size=4, seed=cfg.seed, crops=cfg.data.crops, captions=cfg.data.captions,
@@ -156,7 +204,6 @@ def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_
         ranks.append([next(stream) for _ in range(2)])
         stream.close()
     records = data.read_records(source, texts)
-    import dataclasses
     expected = list(batches(records, data=dataclasses.replace(cfg.data, batch_size=8), seed=cfg.seed, patch_size=14,
                             tokenizer=tokenizer, epoch=0))[1:3]
     for k, want in enumerate(expected):
