@@ -23,8 +23,11 @@ Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean)
 gradient hook, bucket copies and a flat fp32 step per parameter, about 20 ms a step whatever the batch:
 deepspeed_ratio_without_data 0.78), which the batch-32 step amortises. The Ray Data feed hides the data
 preparation the plain loop does inline (ratio above 1 at batch 32). B/14 tensors held per worker: ZeRO-1
-2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 3112 / 2684 / 2199). DeepSpeed 0.19.8's stage 1 ends
-the step holding what stage 2 holds, so the two are equal; with DeepSpeed's default 5e8-element buckets
+2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 3112 / 2684 / 2199). Stages 1 and 2 are equal at
+grad_accum 1 because DeepSpeed 0.19.8 (zero/stage_1_and_2.py, `reduce_gradients`) reduces stage 1's
+gradients at the accumulation boundary through the same buckets as stage 2 and drops the ones this rank
+does not own before `engine.backward` returns: stage 1 holds full gradients only between micro-steps
+(grad_accum > 1) and transiently at the end of autograd. With DeepSpeed's default 5e8-element buckets
 ZeRO-3 held 4109 MB (engine.bucket_size).
 
 On a machine shared with other jobs the timings are noisy; rerun for a second sample. Writes
@@ -162,7 +165,7 @@ def model_state_bytes(name: str, workers: int) -> dict[int, float]:
             3: (weights + grads + optimizer + 4 * frozen) / workers}
 
 
-def memory(stages: list[int], steps: int, batch: int, workers: int) -> list[dict]:
+def memory(runs: list[tuple[int, int]], steps: int, batch: int, workers: int) -> list[dict]:
     sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
             "engine.use_gpu=false", "engine.precision=fp32",
             f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
@@ -170,18 +173,18 @@ def memory(stages: list[int], steps: int, batch: int, workers: int) -> list[dict
             "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
     predicted = model_state_bytes("vit_b14", workers)
     out = []
-    for stage in stages:
-        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}"],
+    for stage, accum in runs:
+        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}", f"engine.grad_accum={accum}"],
                         merge={"task": {"dino": {"local_crops": 2}}, "data": {"crops": {"local_crops": 2}}})
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
             run(Job.PRETRAIN, cfg, root, knobs=Knobs())
             rows = read_history(root)
-        out.append({"zero_stage": stage, "workers": workers,
+        out.append({"zero_stage": stage, "grad_accum": accum, "workers": workers,
                     "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],
                     "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
                     "predicted_model_state_mb_per_worker": predicted[stage] / 2 ** 20,
-                    "step_s": statistics.median(batch * workers / r["images_per_s"] for r in rows[1:] or rows),
+                    "step_s": statistics.median(r["time/step_s"] for r in rows[1:] or rows),
                     "wall_s": time.perf_counter() - start})
     return out
 
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker for B/14")
-    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="ZeRO stages of the memory table")
+    parser.add_argument("--memory-runs", nargs="+", default=["1:1", "2:1", "3:1", "1:2", "2:2"],
+                        metavar="STAGE:GRAD_ACCUM", help="ZeRO stage and gradient accumulation of each memory row")
     parser.add_argument("--overhead-runs", nargs="+", default=["2:8", "0:8", "2:32"], metavar="STAGE:BATCH",
                         help="ZeRO stage and batch of each overhead comparison (one worker)")
     parser.add_argument("--skip-memory", action="store_true", help="keep the memory result already written")
@@ -211,9 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_memory and previous.exists():
         result["memory"] = json.loads(previous.read_text()).get("memory")
     elif not args.skip_memory:
-        result["memory"] = memory(args.stages, args.memory_steps, args.memory_batch, workers=2)
+        runs = [(int(r.split(":")[0]), int(r.split(":")[1])) for r in args.memory_runs]
+        result["memory"] = memory(runs, args.memory_steps, args.memory_batch, workers=2)
     if result.get("memory"):
-        print_table(result["memory"], ["zero_stage", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
+        print_table(result["memory"], ["zero_stage", "grad_accum", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
     print(f"wrote {write_json('train', result)}")
 

