@@ -11,8 +11,9 @@ global batches of `batch_size * world` rows (the last partial one dropped), and 
 gives exactly the single-process loop's batch of `batch_size * world` rows, whatever the number of Ray
 Data tasks, and a resumed run reads exactly what the interrupted one would have.
 
-Per epoch and rank, a Ray Data pipeline reads the image Parquet, keeps this rank's rows and tags each with
-its position (map_batches), sorts by position (a Ray Data shuffle of the encoded bytes, so the order does
+Per epoch and rank, a Ray Data pipeline reads the image Parquet by row group (`parquet_pieces`, listed
+once per stream; plain tasks, no per-epoch listing or metadata actors), keeps this rank's rows and tags
+each with its position, sorts by position (a Ray Data shuffle of the encoded bytes, so the order does
 not depend on block layout), then decodes and crops on CPU tasks (`make_example`, seeded by (seed,
 epoch, id)). The worker only tokenises and draws the per-example seeded masks (`collate`). The next
 epoch's pipeline starts while the current one is consumed.
