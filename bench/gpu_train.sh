@@ -4,48 +4,65 @@
 #
 #     bash bench/gpu_train.sh                 # writes bench/results/gpu_train.json and prints a table
 #     STEPS=40 BATCH_B=64 BATCH_L=32 bash bench/gpu_train.sh
+#     DEVICE=cpu MODELS="tiny:8" STEPS=4 WARMUP=1 RESULT=/tmp/x.json bash bench/gpu_train.sh   # smoke test
 #
 # MFU = analytic training FLOPs per image (pipelines/train.py: flops_per_example) x images/s / peak bf16
 # FLOP/s of the device (pipelines/train.py: GPU_PEAK_FLOPS by device name, or TIPSV2_PEAK_FLOPS).
 # Reported: the median over steps after the first WARMUP (start-up, compilation, the first Ray Data
 # execution), so data-loader stalls at epoch boundaries show up only as a lower mean, printed beside it.
+# DEVICE=cpu runs the same commands on CPU in fp32 (for tests/test_bench_scripts.py: the script itself,
+# its config keys and its report, on a machine without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+DEVICE=${DEVICE:-gpu}
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-8}
 BATCH_B=${BATCH_B:-64}
 BATCH_L=${BATCH_L:-32}
+MODELS=${MODELS:-"vit_b14:$BATCH_B vit_l14:$BATCH_L"}   # PRESET:BATCH ...
 PER_MODEL_S=${PER_MODEL_S:-210}     # hard cap per model, so both fit in 8 minutes
 OUT=${OUT:-$(mktemp -d /tmp/tipsv2-gpu-bench.XXXXXX)}
+RESULT=${RESULT:-bench/results/gpu_train.json}
 export RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 
-"$PY" - <<'PY'
+if [ "$DEVICE" = gpu ]; then
+  ENGINE=(--set engine.use_gpu=true --set engine.precision=bf16)
+  "$PY" - <<'PY'
 import torch
-assert torch.cuda.is_available(), "bench/gpu_train.sh needs a CUDA GPU"
+assert torch.cuda.is_available(), "bench/gpu_train.sh needs a CUDA GPU (DEVICE=cpu for a smoke test)"
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
+elif [ "$DEVICE" = cpu ]; then
+  ENGINE=(--set engine.use_gpu=false --set engine.precision=fp32)
+else
+  echo "DEVICE must be gpu or cpu, got '$DEVICE'" >&2; exit 2
+fi
 
-run_model() {  # name batch
+run_model() {  # preset batch
   local name=$1 batch=$2
   # 448 synthetic scenes at 224 px: 7 steps per epoch at batch 64, so epochs turn over during the run.
   timeout "$PER_MODEL_S" "$PY" -m pipelines.pretrain --config "$name" --output "$OUT/$name" \
-    --set steps="$STEPS" --set log_every=5 --set engine.workers=1 --set engine.use_gpu=true \
-    --set engine.precision=bf16 --set engine.zero_stage=2 --set engine.checkpoint_every=100000 \
+    --set steps="$STEPS" --set log_every=5 --set engine.workers=1 "${ENGINE[@]}" \
+    --set engine.zero_stage=2 --set engine.checkpoint_every=100000 \
     --set data.batch_size="$batch" --set data.synthetic.image_size=224 --set data.synthetic.train_size=448 \
     --set data.synthetic.val_size=4 --set data.synthetic.test_size=4 --set data.tokenizer_vocab=512 \
     --set optim.warmup_steps=5 > "$OUT/$name.log" 2>&1 || { echo "$name failed or timed out; tail of its log:"; tail -30 "$OUT/$name.log"; }
 }
 
-run_model vit_b14 "$BATCH_B"
-run_model vit_l14 "$BATCH_L"
+NAMES=()
+for spec in $MODELS; do
+  run_model "${spec%%:*}" "${spec##*:}"
+  NAMES+=("${spec%%:*}")
+done
 
-OUT="$OUT" WARMUP="$WARMUP" "$PY" - <<'PY'
+OUT="$OUT" WARMUP="$WARMUP" RESULT="$RESULT" NAMES="${NAMES[*]}" DEVICE="$DEVICE" "$PY" - <<'PY'
 import json, os, statistics
-from bench.common import print_table, write_json
+from pathlib import Path
+from bench.common import machine, print_table
 out, warmup = os.environ["OUT"], int(os.environ["WARMUP"])
 rows = []
-for name in ("vit_b14", "vit_l14"):
+for name in os.environ["NAMES"].split():
     path = f"{out}/{name}/history.jsonl"
     if not os.path.exists(path):
         rows.append({"model": name, "status": "no history (see log)"}); continue
@@ -59,5 +76,10 @@ for name in ("vit_b14", "vit_l14"):
                  "gpu_peak_gb": max(r.get("memory/gpu_peak_mb", 0) for r in history) / 1024,
                  "loss_first": history[0]["loss/total"], "loss_last": history[-1]["loss/total"]})
 print_table(rows, ["model", "status", "steps", "mfu_median", "mfu_mean", "images_per_s_median", "gpu_peak_gb"])
-print("wrote", write_json("gpu_train", {"rows": rows, "output": out}))
+result = Path(os.environ["RESULT"])
+result.parent.mkdir(parents=True, exist_ok=True)
+import torch
+device = torch.cuda.get_device_name(0) if os.environ["DEVICE"] == "gpu" else "cpu"
+result.write_text(json.dumps({"machine": machine(), "device": device, "rows": rows, "output": out}, indent=2) + "\n")
+print("wrote", result)
 PY
