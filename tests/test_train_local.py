@@ -136,7 +136,6 @@ def test_distill_without_a_teacher_fails_clearly(tmp_path):
                       "--set", "data.synthetic.test_size=2"])
 
 
-@pytest.mark.slow
 def split_parquet(uri: str, root: Path, *, files: int, row_group_rows: int) -> str:
     """The rows of the Parquet at `uri` again, shuffled, in `files` files of row groups of `row_group_rows`."""
     import pyarrow.parquet as pq
@@ -177,6 +176,7 @@ def test_parquet_pieces_are_every_row_group_once_and_read_back_every_wanted_row(
         data.parquet_pieces(str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["one_file", "three_files_of_row_groups_of_5"])
 def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_local_reference, train_cfg, layout,
                                                                tmp_path):
