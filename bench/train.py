@@ -189,6 +189,11 @@ def memory(runs: list[tuple[int, int]], steps: int, batch: int, workers: int) ->
     return out
 
 
+def int_pairs(specs: list[str]) -> list[tuple[int, int]]:
+    """["2:8", "0:8"] -> [(2, 8), (0, 8)]: the STAGE:BATCH and STAGE:GRAD_ACCUM arguments."""
+    return [(int(a), int(b)) for a, b in (spec.split(":") for spec in specs)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40, help="steps of the overhead comparison")
@@ -207,16 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_overhead and previous.exists():
         result["overhead"] = json.loads(previous.read_text())["overhead"]
     else:
-        result["overhead"] = [overhead(args.steps, args.warmup, stage=int(run.split(":")[0]),
-                                       batch=int(run.split(":")[1])) for run in args.overhead_runs]
+        result["overhead"] = [overhead(args.steps, args.warmup, stage=stage, batch=batch)
+                              for stage, batch in int_pairs(args.overhead_runs)]
     print_table(result["overhead"], ["zero_stage", "batch", "plain_steps_per_s", "ray_steps_per_s", "ratio",
                                      "ratio_mean", "plain_data_s", "ray_data_wait_s", "ratio_without_data",
                                      "deepspeed_ratio_without_data", "ray_ratio_without_data", "ray_wall_s"])
     if args.skip_memory and previous.exists():
         result["memory"] = json.loads(previous.read_text()).get("memory")
     elif not args.skip_memory:
-        runs = [(int(r.split(":")[0]), int(r.split(":")[1])) for r in args.memory_runs]
-        result["memory"] = memory(runs, args.memory_steps, args.memory_batch, workers=2)
+        result["memory"] = memory(int_pairs(args.memory_runs), args.memory_steps, args.memory_batch, workers=2)
     if result.get("memory"):
         print_table(result["memory"], ["zero_stage", "grad_accum", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
