@@ -18,7 +18,7 @@
    resident memory (which also holds freed allocator pages, activations and libraries).
 
 Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean): ZeRO-0 batch 8 0.99 /
-0.97, ZeRO-2 batch 32 1.06 / 0.97, ZeRO-2 batch 8 0.87 / 0.80. Ray's own share is 4-5 % of compute
+0.97, ZeRO-2 batch 32 1.06 / 0.97, ZeRO-2 batch 8 0.87 / 0.80. Ray's own share is at most 5 % of compute
 (ray_ratio_without_data 0.95-1.03); the rest at ZeRO-2 batch 8 is DeepSpeed's ZeRO-2 bookkeeping (a
 gradient hook, bucket copies and a flat fp32 step per parameter, about 20 ms a step whatever the batch:
 deepspeed_ratio_without_data 0.78), which the batch-32 step amortises. The Ray Data feed hides the data
