@@ -390,27 +390,42 @@ def set_learning_rates(optimizer, lr: float, scales: list[float]) -> None:
 
 
 def rng_state() -> dict:
+    """Every generator a step draws from: torch's (CPU, and the current GPU's: drop-path on CUDA), numpy's,
+    Python's."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state().tolist(),
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss]}
+    state = {"torch": torch.get_rng_state().tolist(),
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "python": [version, list(internal), gauss]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
 
 
+def ema_masters(task: nn.Module) -> list[torch.Tensor] | None:
+    """The EMA's float32 masters (16-bit training), aligned with the parameters of ema_modules(task)."""
+    masters = getattr(task, "ema_masters", None)
+    return None if masters is None else [m for group in masters for m in group]
+
+
 def teacher_tensors(task: nn.Module, stage: int) -> dict[str, torch.Tensor]:
-    """EMA teacher parameters and every buffer, whole and on CPU (a collective under ZeRO-3)."""
+    """EMA teacher parameters (their float32 masters in 16-bit training) and every buffer, whole and on
+    CPU (a collective under ZeRO-3)."""
     names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
     params = [p for module in ema_modules(task) for p in module.parameters()]
     with whole_parameters(stage, params):
-        state = {names[id(p)]: p.detach().float().cpu().clone() for p in params}
+        values = ema_masters(task) or [p.detach() for p in params]
+        state = {names[id(p)]: v.float().cpu().clone() for p, v in zip(params, values, strict=True)}
     state |= {f"buffer.{n}": b.detach().float().cpu().clone() for n, b in task.named_buffers()}
     return state
 
@@ -424,6 +439,10 @@ def load_teacher_tensors(task: nn.Module, state: dict[str, torch.Tensor], stage:
             for name, value in state.items():
                 if not name.startswith("buffer."):
                     named[name].data.copy_(value.to(named[name].dtype))
+        names = {id(p): n for n, p in named.items()}
+        teacher = [p for module in ema_modules(task) for p in module.parameters()]
+        for param, master in zip(teacher, ema_masters(task) or [], strict=False):
+            master.copy_(state[names[id(param)]])
         for name, value in state.items():
             if name.startswith("buffer."):
                 target = buffers[name[len("buffer."):]]
@@ -489,6 +508,8 @@ class Worker:
             register_external_parameters(self.task)
         self.dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.cfg.engine.precision,
                                                                                         torch.float32)
+        if self.dtype != torch.float32 and hasattr(self.task, "keep_ema_masters"):
+            self.task.keep_ema_masters(gathered_factory(self.stage))   # the engine cast the teacher too
         self.state = TrainerState(run_id=plan.run_id)
         self.sink: MetricsSink = NullSink()
         self.flops = flops_per_example(self.cfg, teacher_vision(self.task))
@@ -564,7 +585,8 @@ class Worker:
         import torch.distributed as dist
 
         names = sorted(k for k in losses if k.startswith("loss/"))
-        bad = torch.tensor([0.0 if torch.isfinite(losses[k].detach().float()).all() else 1.0 for k in names])
+        bad = torch.tensor([0.0 if torch.isfinite(losses[k].detach().float()).all() else 1.0 for k in names],
+                           device=self.device)   # NCCL reduces CUDA tensors only
         if self.world > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return [n for n, b in zip(names, bad.tolist()) if b > 0]
@@ -574,7 +596,8 @@ class Worker:
         import torch.distributed as dist
 
         keys = sorted(rows[0])
-        values = torch.tensor([sum(r[k] for r in rows) / len(rows) for k in keys], dtype=torch.float64)
+        values = torch.tensor([sum(r[k] for r in rows) / len(rows) for k in keys], dtype=torch.float64,
+                              device=self.device)
         if self.world > 1:
             dist.all_reduce(values)
             values /= self.world
@@ -674,13 +697,22 @@ class Worker:
         return {}
 
     def export(self) -> None:
-        """Gather the weights (ZeRO-3), then rank 0 writes <output>/export and logs the artifacts."""
+        """Gather the weights in float32 (ZeRO-3 partitions; in bf16/fp16 training, DeepSpeed's and the EMA's
+        float32 masters, not the rounded 16-bit weights), then rank 0 writes <output>/export and logs the
+        artifacts."""
         model, dino_head, patch_head, head_cfg = export_parts(self.task, self.cfg)
-        params = list(model.parameters()) + list(dino_head.parameters()) + list(patch_head.parameters())
-        with whole_parameters(self.stage, params):
-            if self.rank == 0:
-                copies = cpu_copies(model, dino_head, patch_head, head_cfg)
+        modules = (model, dino_head, patch_head)
+        if self.dtype == torch.float32:
+            with whole_parameters(self.stage, [p for module in modules for p in module.parameters()]):
+                states = [cpu_state(module) for module in modules] if self.rank == 0 else []
+        else:
+            teacher = [p for module in ema_modules(self.task) for p in module.parameters()]
+            masters = {id(p): m for p, m in zip(teacher, ema_masters(self.task) or [], strict=False)}
+            if self.stage == 0:
+                masters |= stage0_masters(self.optimizer)
+            states = [master_state(module, masters) for module in modules]   # collectives: every rank
         if self.rank == 0:
+            copies = cpu_copies(*states, model_cfg=model.cfg, head_cfg=head_cfg)
             tokenizer = Tokenizer(local_copy(self.plan.tokenizer), max_len=model.cfg.text.max_len)
             write_export(self.plan.output, *copies, head_cfg=head_cfg, sink=self.sink, tokenizer=tokenizer,
                          source=self.plan.source, image_size=self.cfg.data.crops.global_size)
@@ -769,16 +801,52 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cpu_copies(model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead,
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict in float32 on CPU (its parameters gathered first, under ZeRO-3)."""
+    return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+
+
+def stage0_masters(optimizer) -> dict[int, torch.Tensor]:
+    """DeepSpeed's float32 copies of 16-bit parameters at ZeRO stage 0, by parameter id: its FP16 optimizers
+    (bf16 at stage 0 uses them too) keep them outside the fragment maps that safe_get_full_fp32_param reads."""
+    low = getattr(optimizer, "fp16_groups", [])
+    high = getattr(optimizer, "fp32_groups", None)   # the unfused optimizer: one copy per parameter
+    if high is None and hasattr(optimizer, "fp32_groups_flat"):   # the fused one: a flat copy per group
+        from torch._utils import _unflatten_dense_tensors
+        high = [_unflatten_dense_tensors(flat, group) for flat, group in zip(optimizer.fp32_groups_flat, low)]
+    return {id(p): m for lows, highs in zip(low, high or []) for p, m in zip(lows, highs, strict=True)}
+
+
+def master_state(module: nn.Module, masters: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """cpu_state of a module trained in 16 bits, from the float32 masters: `masters` (by parameter id: the
+    EMA's, ZeRO stage 0's) or else DeepSpeed's partitioned ones (ZeRO 1-3; one collective per parameter:
+    call on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state, rounded = {}, []
+    for name, param in module.named_parameters():
+        value = masters.get(id(param))
+        if value is None:
+            value = safe_get_full_fp32_param(param)
+        if value is None:   # no float32 copy (fp16 at ZeRO stage 0 keeps its masters flat, unmapped)
+            value, _ = param.detach(), rounded.append(name)
+        state[name] = value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape))
+    if rounded:
+        print(f"export: {len(rounded)} parameters ({rounded[0]}, ...) have no float32 master; their 16-bit "
+              f"values are exported", flush=True)
+    return state | {name: b.detach().float().cpu() for name, b in module.named_buffers()}
+
+
+def cpu_copies(model_state: dict[str, torch.Tensor], dino_state: dict[str, torch.Tensor],
+               patch_state: dict[str, torch.Tensor], *, model_cfg: ModelConfig,
                head_cfg: DinoHeadConfig) -> tuple[TIPSModel, DinoHead, DinoHead]:
-    """Fresh float32 CPU modules holding the (gathered) weights of the engine's modules."""
-    fresh_model = TIPSModel(model.cfg)
-    load_strict(fresh_model, {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
-                source="the trained model")
+    """Fresh float32 CPU modules holding the exported weights."""
+    fresh_model = TIPSModel(model_cfg)
+    load_strict(fresh_model, model_state, source="the trained model")
     heads = []
-    for head in (dino_head, patch_head):
+    for state in (dino_state, patch_state):
         fresh = DinoHead(fresh_model.width, head_cfg)
-        load_strict(fresh, {k: v.detach().float().cpu() for k, v in head.state_dict().items()}, source="a head")
+        load_strict(fresh, state, source="a head")
         heads.append(fresh)
     return fresh_model, heads[0], heads[1]
 
@@ -1012,6 +1080,9 @@ def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
 def train_here(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,
                sink: MetricsSink) -> list[dict[str, float]]:
     """--local: train in this process, log to the sink, export like rank 0 does."""
+    if cfg.engine.use_gpu or cfg.engine.precision != Precision.FP32:
+        print(f"--local trains in float32 on this process's CPU: engine.use_gpu={cfg.engine.use_gpu} and "
+              f"engine.precision={cfg.engine.precision.value} apply to the Ray Train + DeepSpeed path only", flush=True)
     tok = Tokenizer(local_copy(tokenizer), max_len=model_config_of(cfg).text.max_len)
     records = data.read_records(source, texts)
     history: list[dict[str, float]] = []

@@ -144,6 +144,22 @@ def test_dual_contrastive_sigmoid():
         dual_contrastive(cls1=cls1, alt_text=alt, cls2=cls2, synthetic_text=syn, cfg=cfg, temperature=temperature)
 
 
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_bf16_embeddings_are_scored_in_float32(loss):
+    """bf16 training hands the losses bf16 embeddings and a bf16 temperature: the result is the float32
+    loss of those bf16 values (the loop reference on them), not a bf16 one (2-3 significant digits)."""
+    image, text = (_rand(16, 8, seed=s).to(torch.bfloat16) for s in (30, 31))
+    temperature, bias = torch.tensor(0.07, dtype=torch.bfloat16), torch.tensor(-2.0, dtype=torch.bfloat16)
+    if loss == "softmax":
+        got = softmax_contrastive(image, text, temperature=temperature)
+        expected = _loop_softmax_contrastive(image.double(), text.double(), temperature.item())
+    else:
+        got = sigmoid_contrastive(image, text, temperature=temperature, bias=bias)
+        expected = _loop_sigmoid_contrastive(image.double(), text.double(), temperature.item(), bias.item())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
 def test_model_temperature_is_clamped_without_gradient_outside():
     from tipsv2.models import build_model
     model = build_model("tiny")

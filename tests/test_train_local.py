@@ -265,3 +265,34 @@ def test_progress_prints_a_bar_every_interval_and_at_the_end():
         "[pretrain] |###############.........| 5/8 steps, 0.25 step/s, 12 s elapsed, eta 12 s, loss 1.5",
         "[pretrain] |########################| 8/8 steps, 0.25 step/s, 24 s elapsed, eta 0 s, loss 1.5",
     ]
+
+
+def test_bf16_checkpoints_hold_the_ema_masters_and_a_restore_puts_them_back(train_cfg):
+    """16-bit training keeps the EMA on float32 masters: the checkpoint's teacher state is theirs (not the
+    rounded bf16 teacher), and loading it restores masters and teacher alike."""
+    from pipelines.train import Job, build_task, ema_masters, ema_modules, load_teacher_tensors, teacher_tensors
+
+    def bf16_task():
+        task = build_task(Job.PRETRAIN, train_cfg())
+        for p in task.parameters():          # as DeepSpeed casts a bf16 module: parameters only
+            p.data = p.data.to(torch.bfloat16)
+        task.keep_ema_masters()
+        return task
+
+    task = bf16_task()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for master in ema_masters(task):
+            master.copy_(torch.randn(master.shape, generator=gen))   # values bf16 cannot hold
+    state = teacher_tensors(task, stage=0)
+    names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
+    teacher = [p for module in ema_modules(task) for p in module.parameters()]
+    assert len(teacher) == len(ema_masters(task)) > 0
+    for param, master in zip(teacher, ema_masters(task)):
+        assert torch.equal(state[names[id(param)]], master)
+    restored = bf16_task()
+    load_teacher_tensors(restored, state, stage=0)
+    for param, master, saved in zip((p for m in ema_modules(restored) for p in m.parameters()),
+                                    ema_masters(restored), ema_masters(task)):
+        assert torch.equal(master, saved)
+        assert param.dtype == torch.bfloat16 and torch.equal(param, saved.to(torch.bfloat16))

@@ -107,9 +107,21 @@ def ema_momentum(step: int, total_steps: int, cfg: TeacherConfig) -> float:
 
 
 @torch.no_grad()
-def ema_update(teacher: Iterable[nn.Parameter], student: Iterable[nn.Parameter], momentum: float) -> None:
-    for t, s in zip(teacher, student, strict=True):
-        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+def ema_update(teacher: Iterable[nn.Parameter], student: Iterable[nn.Parameter], momentum: float,
+               masters: Iterable[Tensor] | None = None) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter.
+
+    `masters`: float32 copies of the teacher (16-bit training). The average then runs on them and the
+    teacher receives their rounded values. In place in bf16 it would not: (1 - momentum) * (student -
+    teacher) is mostly below a bf16 teacher's resolution (8 bits), so most of each update is rounded away.
+    """
+    if masters is None:
+        for t, s in zip(teacher, student, strict=True):
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        return
+    for t, s, m in zip(teacher, student, masters, strict=True):
+        m.mul_(momentum).add_(s.detach().to(m.dtype), alpha=1.0 - momentum)
+        t.copy_(m)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -142,6 +154,8 @@ class TIPSv2Task(nn.Module):
         self.teacher_vision = frozen_copy(self.model.vision) if cfg.teacher.mode == TeacherMode.FULL_EMA else None
         self.register_buffer("dino_center", torch.zeros(cfg.head.prototypes))
         self.register_buffer("patch_center", torch.zeros(cfg.head.prototypes))
+        # Float32 copies of the EMA teacher, one list per ema_pairs() entry, once keep_ema_masters() ran.
+        self.ema_masters: list[list[Tensor]] | None = None
 
     # -- phases ------------------------------------------------------------------------------------
     def teacher_encoder(self) -> nn.Module:
@@ -244,11 +258,21 @@ class TIPSv2Task(nn.Module):
         GatheredParameters with modifier rank 0); a no-op on one process.
         """
         momentum = ema_momentum(step, total_steps, self.cfg.teacher)
-        for teacher, student in self.ema_pairs():
+        for i, (teacher, student) in enumerate(self.ema_pairs()):
             t_params, s_params = list(teacher.parameters()), list(student.parameters())
             with gathered(t_params + s_params):
-                ema_update(t_params, s_params, momentum)
+                ema_update(t_params, s_params, momentum, None if self.ema_masters is None else self.ema_masters[i])
         return momentum
+
+    @torch.no_grad()
+    def keep_ema_masters(self, gathered: Gathered = lambda params: contextlib.nullcontext()) -> None:
+        """From now on, run the EMA on float32 copies of the teacher's current parameters (whole, on their
+        device). For 16-bit training: call once the engine has cast the module to bf16 or fp16."""
+        self.ema_masters = []
+        for teacher, _ in self.ema_pairs():
+            params = list(teacher.parameters())
+            with gathered(params):
+                self.ema_masters.append([p.detach().float().clone() for p in params])
 
     # -- bookkeeping ----------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tipsv2.losses.dino import at_least_fp32
+
 Gather = Callable[[Tensor], Tensor]
 
 
@@ -52,10 +54,17 @@ def _local_labels(local_rows: int, global_rows: int, rank: int) -> Tensor:
     return torch.arange(start, start + local_rows)
 
 
-def _check_pair(image: Tensor, text: Tensor) -> None:
+def _normalized_pair(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """Both embeddings checked, in at least float32 (bf16/fp16 training: logits and cross-entropies
+    never run in 16 bits), and L2-normalised."""
     if image.ndim != 2 or image.shape != text.shape:
         raise ValueError(f"expected image and text embeddings of the same shape (B, D), got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
+    return F.normalize(at_least_fp32(image), dim=-1), F.normalize(at_least_fp32(text), dim=-1)
+
+
+def _scale(temperature: Tensor | float) -> Tensor | float:
+    return at_least_fp32(temperature) if isinstance(temperature, Tensor) else temperature
 
 
 def softmax_contrastive(image: Tensor, text: Tensor, *, temperature: Tensor | float,
@@ -66,9 +75,8 @@ def softmax_contrastive(image: Tensor, text: Tensor, *, temperature: Tensor | fl
     gathered texts and text rows against all gathered images; the result is the mean of the two
     cross-entropies over the local rows (a scalar).
     """
-    _check_pair(image, text)
-    image = F.normalize(image, dim=-1)
-    text = F.normalize(text, dim=-1)
+    image, text = _normalized_pair(image, text)
+    temperature = _scale(temperature)
     all_image = gather(image)  # (B_global, D)
     all_text = gather(text)    # (B_global, D)
     labels = _local_labels(image.shape[0], all_text.shape[0], rank).to(image.device)
@@ -85,9 +93,8 @@ def sigmoid_contrastive(image: Tensor, text: Tensor, *, temperature: Tensor | fl
     matching pair and -1 elsewhere; the loss is -sum(log sigmoid(label * logit)) / B_local. Every
     (image, text) pair of the global batch is scored on exactly one rank.
     """
-    _check_pair(image, text)
-    image = F.normalize(image, dim=-1)
-    text = F.normalize(text, dim=-1)
+    image, text = _normalized_pair(image, text)
+    temperature, bias = _scale(temperature), _scale(bias)
     all_text = gather(text)  # (B_global, D)
     positives = _local_labels(image.shape[0], all_text.shape[0], rank).to(image.device)
     logits = image @ all_text.T / temperature + bias  # (B_local, B_global)
