@@ -10,12 +10,14 @@
 # FLOP/s of the device (pipelines/train.py: GPU_PEAK_FLOPS by device name, or TIPSV2_PEAK_FLOPS).
 # Reported: the median over steps after the first WARMUP (start-up, compilation, the first Ray Data
 # execution), so data-loader stalls at epoch boundaries show up only as a lower mean, printed beside it.
-# DEVICE=cpu runs the same commands on CPU in fp32 (for tests/test_bench_scripts.py: the script itself,
-# its config keys and its report, on a machine without a GPU).
+# DEVICE=cpu runs the same commands on CPU, in bf16 too (DeepSpeed's CPU accelerator takes it), for
+# tests/test_bench_scripts.py: the script itself, its config keys, the bf16 engine path and the report, on
+# a machine without a GPU. PRECISION=fp32 (or fp16, GPU only) changes the precision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DEVICE=${DEVICE:-gpu}
+PRECISION=${PRECISION:-bf16}
 STEPS=${STEPS:-30}
 WARMUP=${WARMUP:-8}
 BATCH_B=${BATCH_B:-64}
@@ -27,14 +29,14 @@ RESULT=${RESULT:-bench/results/gpu_train.json}
 export RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 
 if [ "$DEVICE" = gpu ]; then
-  ENGINE=(--set engine.use_gpu=true --set engine.precision=bf16)
+  ENGINE=(--set engine.use_gpu=true --set engine.precision="$PRECISION")
   "$PY" - <<'PY'
 import torch
 assert torch.cuda.is_available(), "bench/gpu_train.sh needs a CUDA GPU (DEVICE=cpu for a smoke test)"
 print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
 PY
 elif [ "$DEVICE" = cpu ]; then
-  ENGINE=(--set engine.use_gpu=false --set engine.precision=fp32)
+  ENGINE=(--set engine.use_gpu=false --set engine.precision="$PRECISION")
 else
   echo "DEVICE must be gpu or cpu, got '$DEVICE'" >&2; exit 2
 fi
@@ -56,7 +58,7 @@ for spec in $MODELS; do
   NAMES+=("${spec%%:*}")
 done
 
-OUT="$OUT" WARMUP="$WARMUP" RESULT="$RESULT" NAMES="${NAMES[*]}" DEVICE="$DEVICE" "$PY" - <<'PY'
+OUT="$OUT" WARMUP="$WARMUP" RESULT="$RESULT" NAMES="${NAMES[*]}" DEVICE="$DEVICE" PRECISION="$PRECISION" "$PY" - <<'PY'
 import json, os, statistics
 from pathlib import Path
 from bench.common import machine, print_table
@@ -80,6 +82,7 @@ result = Path(os.environ["RESULT"])
 result.parent.mkdir(parents=True, exist_ok=True)
 import torch
 device = torch.cuda.get_device_name(0) if os.environ["DEVICE"] == "gpu" else "cpu"
-result.write_text(json.dumps({"machine": machine(), "device": device, "rows": rows, "output": out}, indent=2) + "\n")
+result.write_text(json.dumps({"machine": machine(), "device": device, "precision": os.environ["PRECISION"],
+                              "rows": rows, "output": out}, indent=2) + "\n")
 print("wrote", result)
 PY

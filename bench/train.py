@@ -149,48 +149,63 @@ def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
             "plain_wall_s": plain_wall, "ray_wall_s": ray_wall}
 
 
-def model_state_bytes(name: str, workers: int) -> dict[int, float]:
-    """Predicted model-state bytes per worker by ZeRO stage, fp32 under DeepSpeed: per trained parameter
-    4 (weights) + 4 (gradients) + 4 (DeepSpeed's fp32 master partition, a copy even in fp32) + 8 (AdamW
-    moments); per frozen parameter (the EMA heads) 4. Stage 1 shards master and moments, stage 2 also the
-    gradients, stage 3 also the weights. Buckets (engine.bucket_size) come on top."""
+def model_state_bytes(name: str, workers: int, precision: str = "fp32") -> dict[int, float]:
+    """Predicted model-state bytes per worker by ZeRO stage under DeepSpeed. Per trained parameter: the
+    weights and gradients (4 + 4 bytes in fp32, 2 + 2 in bf16), DeepSpeed's fp32 master partition (4, a
+    copy even in fp32) and the AdamW moments (8); per frozen parameter (the EMA heads) its weights (4 or 2),
+    plus in bf16 the EMA's float32 masters (4, whole on every rank). Stage 1 shards master and moments,
+    stage 2 also the gradients, stage 3 also the weights. Buckets (engine.bucket_size) come on top."""
     with torch.device("meta"):
         task = TIPSv2Task(preset(name).task)
     unique = {id(p): p for p in task.parameters()}.values()
     trained = sum(p.numel() for p in unique if p.requires_grad)
     frozen = sum(p.numel() for p in unique if not p.requires_grad)
-    weights, grads, optimizer = 4 * trained, 4 * trained, 12 * trained
-    return {1: weights + grads + optimizer / workers + 4 * frozen,
-            2: weights + (grads + optimizer) / workers + 4 * frozen,
-            3: (weights + grads + optimizer + 4 * frozen) / workers}
+    low = 4 if precision == "fp32" else 2
+    weights, grads, optimizer = low * trained, low * trained, 12 * trained
+    teacher, ema_masters = low * frozen, (0 if precision == "fp32" else 4 * frozen)
+    return {1: weights + grads + optimizer / workers + teacher + ema_masters,
+            2: weights + (grads + optimizer) / workers + teacher + ema_masters,
+            3: (weights + grads + optimizer + teacher) / workers + ema_masters}
 
 
-def memory(runs: list[tuple[int, int]], steps: int, batch: int, workers: int) -> list[dict]:
+def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: int) -> list[dict]:
     sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
-            "engine.use_gpu=false", "engine.precision=fp32",
+            "engine.use_gpu=false",
             f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
             "data.crops.local_size=56", "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
             "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
-    predicted = model_state_bytes("vit_b14", workers)
     out = []
-    for stage, accum in runs:
-        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}", f"engine.grad_accum={accum}"],
+    for stage, accum, precision in runs:
+        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}", f"engine.grad_accum={accum}",
+                                    f"engine.precision={precision}"],
                         merge={"task": {"dino": {"local_crops": 2}}, "data": {"crops": {"local_crops": 2}}})
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
             run(Job.PRETRAIN, cfg, root, knobs=Knobs())
             rows = read_history(root)
-        out.append({"zero_stage": stage, "grad_accum": accum, "workers": workers,
+        out.append({"zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
                     "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],
                     "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
-                    "predicted_model_state_mb_per_worker": predicted[stage] / 2 ** 20,
+                    "predicted_model_state_mb_per_worker": model_state_bytes("vit_b14", workers, precision)[stage] / 2 ** 20,
                     "step_s": statistics.median(r["time/step_s"] for r in rows[1:] or rows),
                     "wall_s": time.perf_counter() - start})
     return out
 
 
+def memory_runs(specs: list[str]) -> list[tuple[int, int, str]]:
+    """["1:1", "2:1:bf16"] -> [(1, 1, "fp32"), (2, 1, "bf16")]: the STAGE:GRAD_ACCUM[:PRECISION] arguments."""
+    out = []
+    for spec in specs:
+        stage, accum, *rest = spec.split(":")
+        precision = rest[0] if rest else "fp32"
+        if len(rest) > 1 or precision not in ("fp32", "bf16"):
+            raise ValueError(f"--memory-runs takes STAGE:GRAD_ACCUM[:fp32|bf16], got {spec!r}")
+        out.append((int(stage), int(accum), precision))
+    return out
+
+
 def int_pairs(specs: list[str]) -> list[tuple[int, int]]:
-    """["2:8", "0:8"] -> [(2, 8), (0, 8)]: the STAGE:BATCH and STAGE:GRAD_ACCUM arguments."""
+    """["2:8", "0:8"] -> [(2, 8), (0, 8)]: the STAGE:BATCH arguments."""
     return [(int(a), int(b)) for a, b in (spec.split(":") for spec in specs)]
 
 
@@ -200,8 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--memory-steps", type=int, default=2)
     parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker for B/14")
-    parser.add_argument("--memory-runs", nargs="+", default=["1:1", "2:1", "3:1", "1:2", "2:2"],
-                        metavar="STAGE:GRAD_ACCUM", help="ZeRO stage and gradient accumulation of each memory row")
+    parser.add_argument("--memory-runs", nargs="+",
+                        default=["1:1", "2:1", "3:1", "1:2", "2:2", "1:1:bf16", "2:1:bf16", "3:1:bf16"],
+                        metavar="STAGE:GRAD_ACCUM[:PRECISION]",
+                        help="ZeRO stage, gradient accumulation and precision (fp32, bf16) of each memory row")
     parser.add_argument("--overhead-runs", nargs="+", default=["2:8", "0:8", "2:32"], metavar="STAGE:BATCH",
                         help="ZeRO stage and batch of each overhead comparison (one worker)")
     parser.add_argument("--skip-memory", action="store_true", help="keep the memory result already written")
@@ -220,9 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_memory and previous.exists():
         result["memory"] = json.loads(previous.read_text()).get("memory")
     elif not args.skip_memory:
-        result["memory"] = memory(int_pairs(args.memory_runs), args.memory_steps, args.memory_batch, workers=2)
+        result["memory"] = memory(memory_runs(args.memory_runs), args.memory_steps, args.memory_batch, workers=2)
     if result.get("memory"):
-        print_table(result["memory"], ["zero_stage", "grad_accum", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
+        print_table(result["memory"], ["zero_stage", "grad_accum", "precision", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
     print(f"wrote {write_json('train', result)}")
 

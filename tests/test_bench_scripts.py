@@ -1,8 +1,8 @@
 """bench/gpu_train.sh on CPU (DEVICE=cpu): its commands, config keys and report, without a GPU.
 
-This machine has no GPU, so the bf16 / CUDA branch is not run here; everything else in the script is:
-the pretrain command line with every `--set` key it passes (unknown keys fail loudly), the history it
-reads back and the JSON it writes.
+This machine has no GPU, so the CUDA branch (NCCL, the GPU peak FLOP/s, GPU memory) is not run here;
+everything else in the script is: the pretrain command line with every `--set` key it passes (unknown keys
+fail loudly), in bf16 through DeepSpeed as on the GPU, the history it reads back and the JSON it writes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_gpu_train_script_runs_end_to_end_on_cpu(ray_local, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(result.read_text())
-    assert report["device"] == "cpu" and len(report["rows"]) == 1, report
+    assert report["device"] == "cpu" and report["precision"] == "bf16" and len(report["rows"]) == 1, report
     row = report["rows"][0]
     assert row["model"] == "tiny" and row["status"] == "ok" and row["steps"] == 3, (row, proc.stdout[-3000:])
     assert row["images_per_s_median"] > 0 and 0 < row["mfu_median"] < 1
