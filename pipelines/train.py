@@ -412,17 +412,28 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def ema_parameters(task: nn.Module) -> list[nn.Parameter]:
+    """The EMA teacher's parameters, in its masters' order."""
+    return [p for module in ema_modules(task) for p in module.parameters()]
+
+
 def ema_masters(task: nn.Module) -> list[torch.Tensor] | None:
-    """The EMA's float32 masters (16-bit training), aligned with the parameters of ema_modules(task)."""
+    """The EMA's float32 masters (16-bit training), aligned with ema_parameters(task)."""
     masters = getattr(task, "ema_masters", None)
     return None if masters is None else [m for group in masters for m in group]
+
+
+def teacher_masters(task: nn.Module) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(teacher parameter, its float32 master) for every EMA parameter; none outside 16-bit training."""
+    masters = ema_masters(task)
+    return [] if masters is None else list(zip(ema_parameters(task), masters, strict=True))
 
 
 def teacher_tensors(task: nn.Module, stage: int) -> dict[str, torch.Tensor]:
     """EMA teacher parameters (their float32 masters in 16-bit training) and every buffer, whole and on
     CPU (a collective under ZeRO-3)."""
     names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
-    params = [p for module in ema_modules(task) for p in module.parameters()]
+    params = ema_parameters(task)
     with whole_parameters(stage, params):
         values = ema_masters(task) or [p.detach() for p in params]
         state = {names[id(p)]: v.float().cpu().clone() for p, v in zip(params, values, strict=True)}
@@ -440,8 +451,7 @@ def load_teacher_tensors(task: nn.Module, state: dict[str, torch.Tensor], stage:
                 if not name.startswith("buffer."):
                     named[name].data.copy_(value.to(named[name].dtype))
         names = {id(p): n for n, p in named.items()}
-        teacher = [p for module in ema_modules(task) for p in module.parameters()]
-        for param, master in zip(teacher, ema_masters(task) or [], strict=False):
+        for param, master in teacher_masters(task):
             master.copy_(state[names[id(param)]])
         for name, value in state.items():
             if name.startswith("buffer."):
@@ -706,8 +716,7 @@ class Worker:
             with whole_parameters(self.stage, [p for module in modules for p in module.parameters()]):
                 states = [cpu_state(module) for module in modules] if self.rank == 0 else []
         else:
-            teacher = [p for module in ema_modules(self.task) for p in module.parameters()]
-            masters = {id(p): m for p, m in zip(teacher, ema_masters(self.task) or [], strict=False)}
+            masters = {id(p): m for p, m in teacher_masters(self.task)}
             if self.stage == 0:
                 masters |= stage0_masters(self.optimizer)
             states = [master_state(module, masters) for module in modules]   # collectives: every rank

@@ -270,7 +270,7 @@ def test_progress_prints_a_bar_every_interval_and_at_the_end():
 def test_bf16_checkpoints_hold_the_ema_masters_and_a_restore_puts_them_back(train_cfg):
     """16-bit training keeps the EMA on float32 masters: the checkpoint's teacher state is theirs (not the
     rounded bf16 teacher), and loading it restores masters and teacher alike."""
-    from pipelines.train import Job, build_task, ema_masters, ema_modules, load_teacher_tensors, teacher_tensors
+    from pipelines.train import Job, build_task, ema_masters, ema_parameters, load_teacher_tensors, teacher_tensors
 
     def bf16_task():
         task = build_task(Job.PRETRAIN, train_cfg())
@@ -286,13 +286,12 @@ def test_bf16_checkpoints_hold_the_ema_masters_and_a_restore_puts_them_back(trai
             master.copy_(torch.randn(master.shape, generator=gen))   # values bf16 cannot hold
     state = teacher_tensors(task, stage=0)
     names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
-    teacher = [p for module in ema_modules(task) for p in module.parameters()]
+    teacher = ema_parameters(task)
     assert len(teacher) == len(ema_masters(task)) > 0
     for param, master in zip(teacher, ema_masters(task)):
         assert torch.equal(state[names[id(param)]], master)
     restored = bf16_task()
     load_teacher_tensors(restored, state, stage=0)
-    for param, master, saved in zip((p for m in ema_modules(restored) for p in m.parameters()),
-                                    ema_masters(restored), ema_masters(task)):
+    for param, master, saved in zip(ema_parameters(restored), ema_masters(restored), ema_masters(task)):
         assert torch.equal(master, saved)
         assert param.dtype == torch.bfloat16 and torch.equal(param, saved.to(torch.bfloat16))
