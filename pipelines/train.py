@@ -664,7 +664,8 @@ class Worker:
         images = cfg.data.batch_size * cfg.engine.grad_accum * self.world
         row |= {"lr": lr, "ema_momentum": momentum, "epoch": epoch, "step": step,
                 "images_per_s": images / seconds, "time/step_s": seconds, "time/data_wait_s": waited,
-                "mfu": self.flops * images / seconds / (self.peak * self.world)}
+                "mfu": self.flops * images / seconds / (self.peak * self.world),
+                "engine/skipped_steps": float(self.engine.skipped_steps)}   # fp16: steps its loss scaler dropped
         if last:   # once: a walk over every live object
             held.append(live_tensor_mb(self.task.parameters()))
             row["memory/live_tensors_mb"] = self.global_scalars([{"m": max(held)}])["m"]
