@@ -838,8 +838,9 @@ def master_state(module: nn.Module, masters: dict[int, torch.Tensor]) -> dict[st
         value = masters.get(id(param))
         if value is None:
             value = safe_get_full_fp32_param(param)
-        if value is None:   # no float32 copy (fp16 at ZeRO stage 0 keeps its masters flat, unmapped)
-            value, _ = param.detach(), rounded.append(name)
+        if value is None:   # outside the optimiser and the EMA: no float32 copy anywhere (none such today)
+            value = param.detach()
+            rounded.append(name)
         state[name] = value.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape))
     if rounded:
         print(f"export: {len(rounded)} parameters ({rounded[0]}, ...) have no float32 master; their 16-bit "
