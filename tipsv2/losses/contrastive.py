@@ -63,8 +63,9 @@ def _normalized_pair(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     return F.normalize(at_least_fp32(image), dim=-1), F.normalize(at_least_fp32(text), dim=-1)
 
 
-def _scale(temperature: Tensor | float) -> Tensor | float:
-    return at_least_fp32(temperature) if isinstance(temperature, Tensor) else temperature
+def _scalar_at_least_fp32(value: Tensor | float) -> Tensor | float:
+    """A learned temperature or bias (a 16-bit tensor in bf16 training) in at least float32; floats as given."""
+    return at_least_fp32(value) if isinstance(value, Tensor) else value
 
 
 def softmax_contrastive(image: Tensor, text: Tensor, *, temperature: Tensor | float,
@@ -76,7 +77,7 @@ def softmax_contrastive(image: Tensor, text: Tensor, *, temperature: Tensor | fl
     cross-entropies over the local rows (a scalar).
     """
     image, text = _normalized_pair(image, text)
-    temperature = _scale(temperature)
+    temperature = _scalar_at_least_fp32(temperature)
     all_image = gather(image)  # (B_global, D)
     all_text = gather(text)    # (B_global, D)
     labels = _local_labels(image.shape[0], all_text.shape[0], rank).to(image.device)
@@ -94,7 +95,7 @@ def sigmoid_contrastive(image: Tensor, text: Tensor, *, temperature: Tensor | fl
     (image, text) pair of the global batch is scored on exactly one rank.
     """
     image, text = _normalized_pair(image, text)
-    temperature, bias = _scale(temperature), _scale(bias)
+    temperature, bias = _scalar_at_least_fp32(temperature), _scalar_at_least_fp32(bias)
     all_text = gather(text)  # (B_global, D)
     positives = _local_labels(image.shape[0], all_text.shape[0], rank).to(image.device)
     logits = image @ all_text.T / temperature + bias  # (B_local, B_global)
