@@ -59,7 +59,7 @@ from tipsv2.models.config import ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
 from tipsv2.models.model import TIPSModel, load_strict
 from tipsv2.models.official import export_official, load_official
-from tipsv2.optim import learning_rate, param_groups
+from tipsv2.optim import TowerDepths, learning_rate, param_groups
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
 
@@ -153,11 +153,11 @@ def local_copy(uri: str) -> str:
 def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_sum=None,
                rank: int = 0) -> nn.Module:
     """The module DeepSpeed wraps, seeded by cfg.seed so every rank (and the local loop) builds the same one."""
-    collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean}.items() if v is not None}
+    collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean, "reduce_sum": reduce_sum}.items()
+                   if v is not None}
     if job == Job.PRETRAIN:
         torch.manual_seed(cfg.seed)
-        extra = {"reduce_sum": reduce_sum} if reduce_sum is not None else {}
-        return TIPSv2Task(cfg.task, rank=rank, **collectives, **extra)
+        return TIPSv2Task(cfg.task, rank=rank, **collectives)
     # Loaded before seeding, as tipsv2.distill_loop.distill_local does: the student's init is the same.
     teacher, dino_head, patch_head = load_teacher(cfg.teacher)
     student = load_export(local_copy(cfg.student_init))[0] if cfg.student_init else None
@@ -504,7 +504,8 @@ class Worker:
                                reduce_mean=all_reduce_mean if multi else None,
                                reduce_sum=all_reduce_sum if multi else None, rank=self.rank)
         self.stage = self.cfg.engine.zero_stage
-        groups = param_groups(self.task.trainable_parameters(), self.cfg.optim, depth=model_config_of(self.cfg).vision.depth)
+        groups = param_groups(self.task.trainable_parameters(), self.cfg.optim,
+                              depths=TowerDepths.of(model_config_of(self.cfg)))
         self.scales = [g["lr_scale"] for g in groups]
         optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                       lr=self.cfg.optim.lr, betas=self.cfg.optim.betas)
@@ -1085,7 +1086,8 @@ def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
     vision = cfg.task.student.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,
                      masked=False)
-    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depth=vision.depth, on_step=on_step).task
+    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.student),
+               on_step=on_step).task
 
 
 def train_here(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,

@@ -15,8 +15,9 @@ from tipsv2.distill import DistillTask, DistillTaskConfig, TeacherHeads
 from tipsv2.info import report
 from tipsv2.losses.dino import Centering
 from tipsv2.models import build_model
-from tipsv2.optim import OptimConfig, learning_rate, param_groups
-from tipsv2.task import MomentumSchedule, TeacherConfig, TeacherMode, TIPSv2Task, ema_momentum, ema_update
+from tipsv2.optim import OptimConfig, TowerDepths, learning_rate, param_groups
+from tipsv2.task import (ContrastiveView, MomentumSchedule, TeacherConfig, TeacherMode, TIPSv2Task, ema_momentum,
+                         ema_update)
 
 
 def make_batch(b: int = 4, *, size: int = 56, local: int = 28, m: int = 2, length: int = 6, seed: int = 0) -> Batch:
@@ -72,6 +73,83 @@ def test_head_only_ema_teacher_encoder_is_the_student(task):
     with torch.no_grad():
         feats = task.model.encode_image(batch.global_crop)
         torch.testing.assert_close(teacher.dino_logits, task.teacher_dino_head(feats.cls1))
+
+
+class PassCounter:
+    """Counts forward passes of a vision encoder, by input shape and whether gradient was on."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls: list[tuple[int, bool, bool]] = []   # (image side, masked?, grad enabled?)
+        module.register_forward_hook(self.hook)
+
+    def hook(self, module, args, output) -> None:
+        images, masks = args[0], (args[1] if len(args) > 1 else None)
+        self.calls.append((images.shape[-1], masks is not None, torch.is_grad_enabled()))
+
+
+@pytest.mark.parametrize("mode, view, expected", [
+    # head-only EMA, clean view (the default): clean pass with gradient (contrastive + teacher), masked, local
+    (TeacherMode.HEAD_ONLY_EMA, ContrastiveView.CLEAN, [(56, False, True), (56, True, True), (28, False, True)]),
+    # head-only EMA, masked view: the teacher's no-grad clean pass, masked, local
+    (TeacherMode.HEAD_ONLY_EMA, ContrastiveView.MASKED, [(56, True, True), (28, False, True), (56, False, False)]),
+    # full EMA, clean view: the EMA encoder's pass is a third global pass
+    (TeacherMode.FULL_EMA, ContrastiveView.CLEAN, [(56, False, True), (56, True, True), (28, False, True)]),
+])
+def test_global_passes_per_step(mode, view, expected):
+    cfg = replace(tiny_task_cfg(mode), contrastive_view=view)
+    task = TIPSv2Task(cfg)
+    student = PassCounter(task.model.vision)
+    teacher = PassCounter(task.teacher_vision) if task.teacher_vision is not None else None
+    task(make_batch(), step=0)
+    assert student.calls == expected
+    if teacher is not None:
+        assert teacher.calls == [(56, False, False)]
+    globals_ = [c for c in student.calls + (teacher.calls if teacher else []) if c[0] == 56]
+    assert len(globals_) == (3 if mode == TeacherMode.FULL_EMA else 2)
+
+
+def test_default_is_the_papers_design():
+    cfg = tiny().task
+    assert cfg.contrastive_view == ContrastiveView.CLEAN and cfg.teacher.mode == TeacherMode.HEAD_ONLY_EMA
+
+
+def test_contrastive_loss_uses_the_clean_crop():
+    """The contrastive term does not change when the masks change (it never sees the masked crop)."""
+    task = TIPSv2Task(tiny_task_cfg())
+    batch = make_batch()
+    a = task(batch, step=0)["loss/contrastive"]
+    b = task(replace(batch, masks=~batch.masks), step=0)["loss/contrastive"]
+    torch.testing.assert_close(a, b)
+    masked_view = TIPSv2Task(replace(tiny_task_cfg(), contrastive_view=ContrastiveView.MASKED))
+    masked_view.load_state_dict(task.state_dict())
+    c = masked_view(batch, step=0)["loss/contrastive"]
+    d = masked_view(replace(batch, masks=~batch.masks), step=0)["loss/contrastive"]
+    assert not torch.allclose(c, d)
+
+
+@pytest.mark.parametrize("mode", list(TeacherMode))
+def test_teacher_targets_ignore_drop_path(mode):
+    """In training mode with drop_path 0.4, teacher targets are deterministic and equal the eval-mode
+    teacher's; the shared clean pass (head-only EMA) gives the same targets as a separate teacher pass."""
+    cfg = tiny_task_cfg(mode)
+    cfg = replace(cfg, model=replace(cfg.model, vision=replace(cfg.model.vision, drop_path=0.4)))
+    task = TIPSv2Task(cfg).train()
+    batch = make_batch()
+    first = task.teacher_output(batch=batch, step=0)
+    second = task.teacher_output(batch=batch, step=0)
+    torch.testing.assert_close(first.patch_probs, second.patch_probs, rtol=0, atol=0)
+    shared = task.teacher_output(batch=batch, step=0, clean=task.student_output(batch=batch).clean)
+    torch.testing.assert_close(shared.dino_logits, first.dino_logits)
+    torch.testing.assert_close(shared.patch_logits, first.patch_logits)
+    task.eval()
+    evaluated = task.teacher_output(batch=batch, step=0)
+    torch.testing.assert_close(evaluated.patch_logits, first.patch_logits)
+    # ... while the student's masked pass does use drop path in training mode.
+    task.train()
+    torch.manual_seed(1)
+    a = task.model.encode_image(batch.global_crop, batch.masks).patches
+    b = task.model.encode_image(batch.global_crop, batch.masks).patches
+    assert not torch.allclose(a, b)
 
 
 def test_full_ema_keeps_a_vision_copy_only():
@@ -163,7 +241,7 @@ def test_sinkhorn_targets_leave_the_centers_alone(task):
 
 def test_param_groups_decay_and_layer_scales(task):
     cfg = OptimConfig(weight_decay=0.05, layer_decay=0.5)
-    groups = param_groups(task.trainable_parameters(), cfg, depth=4)
+    groups = param_groups(task.trainable_parameters(), cfg, depths=TowerDepths(vision=4, text=2))
     by_name = {n: g for g in groups for n in g["names"]}
     for name in ("model.vision.cls_token", "model.vision.pos_embed", "model.vision.blocks.0.norm1.weight",
                  "model.vision.blocks.0.attn.qkv.bias", "model.vision.blocks.0.ls1.gamma", "model.log_temperature"):
@@ -174,6 +252,49 @@ def test_param_groups_decay_and_layer_scales(task):
     assert by_name["model.vision.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** 5)
     assert by_name["dino_head.mlp.0.weight"]["lr_scale"] == 1.0
     assert not any("teacher" in n for n in by_name)
+
+
+def test_layer_decay_runs_over_each_towers_own_depth():
+    """Vision depth 4, text depth 2, decay 0.5: every parameter's lr scale, by hand."""
+    task = TIPSv2Task(tiny_task_cfg())
+    assert (task.cfg.model.vision.depth, task.cfg.model.text.depth) == (4, 2)
+    expected = {}
+    for name, _ in task.trainable_parameters():
+        if name.startswith("model.vision."):
+            if any(k in name for k in ("patch_embed", "cls_token", "register_tokens", "mask_token", "pos_embed")):
+                expected[name] = 0.5 ** 5
+            elif ".blocks." in name:
+                expected[name] = 0.5 ** (4 - int(name.split(".blocks.")[1].split(".")[0]))
+            else:
+                expected[name] = 1.0      # the final norm: top of the vision tower
+        elif name.startswith("model.text."):
+            if "token_embedding" in name:
+                expected[name] = 0.5 ** 3
+            elif ".resblocks." in name:
+                expected[name] = 0.5 ** (2 - int(name.split(".resblocks.")[1].split(".")[0]))
+            else:
+                expected[name] = 1.0      # ln_final: top of the text tower
+        else:
+            expected[name] = 1.0          # heads, temperature
+    for decay_text in (True, False):
+        cfg = OptimConfig(layer_decay=0.5, layer_decay_text=decay_text)
+        groups = param_groups(task.trainable_parameters(), cfg, depths=TowerDepths.of(task.cfg.model))
+        got = {n: g["lr_scale"] for g in groups for n in g["names"]}
+        want = {n: (v if decay_text or not n.startswith("model.text.") else 1.0) for n, v in expected.items()}
+        assert got == pytest.approx(want)
+    # The text tower's last block is one block below its top: 0.5, not 0.5 ** 3 as the vision depth gave.
+    assert expected["model.text.transformer.resblocks.1.mlp.c_fc.weight"] == 0.5
+
+
+def test_layer_decay_student_names_in_distillation():
+    task = DistillTask(distill_cfg(teacher_heads=TeacherHeads.RANDOM), teacher=build_model("tiny"))
+    groups = param_groups(task.trainable_parameters(), OptimConfig(layer_decay=0.5),
+                          depths=TowerDepths.of(task.cfg.student))
+    got = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    assert got["student.text.transformer.resblocks.1.mlp.c_fc.weight"] == pytest.approx(0.5)
+    assert got["student.vision.blocks.3.mlp.fc1.weight"] == pytest.approx(0.5)
+    assert got["student.text.token_embedding.weight"] == pytest.approx(0.5 ** 3)
+    assert got["dino_head.mlp.0.weight"] == 1.0
 
 
 def test_learning_rate_schedule():
@@ -234,6 +355,40 @@ def test_distill_patch_loss_ignores_masks_and_interpolates_teacher_grid():
     assert patch_logits.shape[1] == (56 // 14) ** 2  # teacher at 84 px (6x6) resampled to the student's 4x4
 
 
+def test_distill_honours_sinkhorn_centering():
+    """dino.centering / patch.centering = sinkhorn_knopp: SK targets, centers untouched; center: EMA centers."""
+    from tipsv2.losses.dino import sinkhorn_knopp, teacher_temperature
+
+    base = distill_cfg(teacher_heads=TeacherHeads.RANDOM)
+    sk = replace(base, dino=replace(base.dino, centering=Centering.SINKHORN_KNOPP),
+                 patch=replace(base.patch, centering=Centering.SINKHORN_KNOPP))
+    task = DistillTask(sk, teacher=build_model("tiny"))
+    batch = make_batch()
+    dino_logits, dino_probs, patch_logits, patch_probs = task.teacher_output(batch=batch, step=0)
+    torch.testing.assert_close(dino_probs, sinkhorn_knopp(dino_logits, teacher_temperature(0, sk.dino)))
+    torch.testing.assert_close(patch_probs, sinkhorn_knopp(patch_logits, teacher_temperature(0, sk.patch)))
+    task(batch, step=0)
+    assert torch.count_nonzero(task.dino_center) == 0 and torch.count_nonzero(task.patch_center) == 0
+    centered = replace(base, dino=replace(base.dino, centering=Centering.CENTER),
+                       patch=replace(base.patch, centering=Centering.CENTER))
+    task = DistillTask(centered, teacher=build_model("tiny"))
+    task(batch, step=0)
+    assert torch.count_nonzero(task.dino_center) > 0 and torch.count_nonzero(task.patch_center) > 0
+
+
+def test_distill_teacher_ignores_drop_path():
+    teacher = build_model("tiny")
+    cfg = distill_cfg(teacher_heads=TeacherHeads.RANDOM)
+    noisy = TIPSv2Task(replace(tiny_task_cfg(), model=replace(
+        tiny_task_cfg().model, vision=replace(tiny_task_cfg().model.vision, drop_path=0.4)))).model
+    noisy.load_state_dict(teacher.state_dict())
+    task = DistillTask(cfg, teacher=noisy).train()
+    batch = make_batch()
+    first = task.teacher_output(batch=batch, step=0)[2]
+    second = task.teacher_output(batch=batch, step=0)[2]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
 def test_pretrained_student_init_warns():
     with pytest.warns(UserWarning, match="randomly initialised student"):
         DistillTask(distill_cfg(teacher_heads=TeacherHeads.RANDOM), teacher=build_model("tiny"),
@@ -249,6 +404,7 @@ def test_adafactor_and_adamw_both_train_a_step():
         task = TIPSv2Task(tiny_task_cfg())
         before = task.model.vision.blocks[0].attn.qkv.weight.detach().clone()
         stream = iter([(0, make_batch(seed=s)) for s in range(2)])
-        result = fit(task, stream=stream, optim=OptimConfig(optimizer=kind, lr=1e-3, warmup_steps=1), steps=2, depth=4)
+        result = fit(task, stream=stream, optim=OptimConfig(optimizer=kind, lr=1e-3, warmup_steps=1), steps=2,
+                     depths=TowerDepths(vision=4, text=2))
         assert len(result.history) == 2 and all(math.isfinite(r["loss/total"]) for r in result.history)
         assert not torch.equal(before, task.model.vision.blocks[0].attn.qkv.weight), kind

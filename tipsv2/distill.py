@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tipsv2.data.batch import Batch
 from tipsv2.losses.contrastive import ContrastiveKind, ContrastiveLossConfig, dual_contrastive, identity
-from tipsv2.losses.dino import (DinoLossConfig, center_norm, centered_teacher_probs, dino_loss, teacher_entropy,
+from tipsv2.losses.dino import (Centering, DinoLossConfig, center_norm, dino_loss, teacher_entropy, teacher_probs,
                                 teacher_temperature, update_center)
 from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind, patch_loss
 from tipsv2.models.config import ModelConfig
@@ -49,10 +49,11 @@ class DistillTaskConfig:
 class DistillTask(nn.Module):
     def __init__(self, cfg: DistillTaskConfig, *, teacher: TIPSModel, teacher_dino_head: DinoHead | None = None,
                  teacher_patch_head: DinoHead | None = None, student: TIPSModel | None = None,
-                 gather: Gather = identity, reduce_mean: Reduce = identity, rank: int = 0) -> None:
+                 gather: Gather = identity, reduce_mean: Reduce = identity, reduce_sum: Reduce = identity,
+                 rank: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
-        self.gather, self.reduce_mean, self.rank = gather, reduce_mean, rank
+        self.gather, self.reduce_mean, self.reduce_sum, self.rank = gather, reduce_mean, reduce_sum, rank
         self.teacher = frozen_copy(teacher).eval()
         t_width = teacher.width
         if cfg.teacher_heads == TeacherHeads.REUSE:
@@ -87,7 +88,7 @@ class DistillTask(nn.Module):
         size = self.cfg.teacher_image_size
         if size is not None and size != images.shape[-1]:
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        feats = self.teacher.encode_image(images)
+        feats = self.teacher.encode_image(images, stochastic_depth=False)   # deterministic targets
         grid_t = images.shape[-1] // self.teacher.patch_size
         grid_s = batch.global_crop.shape[-1] // self.student.patch_size
         patches = feats.patches
@@ -98,8 +99,10 @@ class DistillTask(nn.Module):
             patches = patches.flatten(2).transpose(1, 2)
         dino_logits = self.teacher_dino_head(pick_cls(feats, self.cfg.dino.cls))
         patch_logits = self.teacher_patch_head(patches)
-        dino_probs = centered_teacher_probs(dino_logits, self.dino_center, teacher_temperature(step, self.cfg.dino))
-        patch_probs = centered_teacher_probs(patch_logits, self.patch_center, teacher_temperature(step, self.cfg.patch))
+        dino_probs = teacher_probs(dino_logits, self.dino_center, teacher_temperature(step, self.cfg.dino),
+                                   self.cfg.dino.centering, self.reduce_sum)
+        patch_probs = teacher_probs(patch_logits, self.patch_center, teacher_temperature(step, self.cfg.patch),
+                                    self.cfg.patch.centering, self.reduce_sum)
         return dino_logits, dino_probs, patch_logits, patch_probs
 
     def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -127,9 +130,12 @@ class DistillTask(nn.Module):
                        "metric/teacher_entropy": teacher_entropy(dino_probs),
                        "metric/teacher_patch_entropy": teacher_entropy(patch_probs),
                        "metric/center_norm": center_norm(self.dino_center)}
-            self.dino_center.copy_(update_center(self.dino_center, dino_logits, cfg.dino.center_momentum, self.reduce_mean))
-            self.patch_center.copy_(update_center(self.patch_center, patch_logits, cfg.patch.center_momentum,
-                                                  self.reduce_mean))
+            if cfg.dino.centering == Centering.CENTER:
+                self.dino_center.copy_(update_center(self.dino_center, dino_logits, cfg.dino.center_momentum,
+                                                     self.reduce_mean))
+            if cfg.patch.centering == Centering.CENTER:
+                self.patch_center.copy_(update_center(self.patch_center, patch_logits, cfg.patch.center_momentum,
+                                                      self.reduce_mean))
         return losses
 
     def update_teacher(self, **_: object) -> float:

@@ -22,6 +22,7 @@ from tipsv2.distill import DistillTask
 from tipsv2.loop import LocalResult, Record, endless, fit
 from tipsv2.models.heads import DinoHead
 from tipsv2.models.model import TIPSModel
+from tipsv2.optim import TowerDepths
 from tipsv2.tokenizer import Tokenizer
 
 TeacherHeads = tuple[DinoHead, DinoHead] | None   # (DINO head, patch head); None for released encoders
@@ -45,4 +46,5 @@ def distill_local(cfg: DistillConfig, *, teacher: TIPSModel, teacher_heads: Teac
     vision = cfg.task.student.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,
                      masked=False)
-    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depth=vision.depth, on_step=on_step)
+    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.student),
+               on_step=on_step)

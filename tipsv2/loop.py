@@ -21,7 +21,7 @@ from tipsv2.configs import DataConfig, PretrainConfig
 from tipsv2.data.batch import Batch, collate, make_example
 from tipsv2.data.schema import Granularity
 from tipsv2.data.synthetic import SyntheticConfig, make_scene
-from tipsv2.optim import OptimConfig, build_optimizer, learning_rate, param_groups, set_learning_rate
+from tipsv2.optim import OptimConfig, TowerDepths, build_optimizer, learning_rate, param_groups, set_learning_rate
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
 
@@ -108,10 +108,10 @@ class LocalResult:
     seconds: float = 0.0
 
 
-def fit(task: Steppable, *, stream: Iterator[tuple[int, Batch]], optim: OptimConfig, steps: int, depth: int,
+def fit(task: Steppable, *, stream: Iterator[tuple[int, Batch]], optim: OptimConfig, steps: int, depths: TowerDepths,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
     """The plain optimisation loop: warm-up + cosine LR, AdamW/Adafactor, clipping, NaN guard, EMA."""
-    groups = param_groups(task.trainable_parameters(), optim, depth=depth)
+    groups = param_groups(task.trainable_parameters(), optim, depths=depths)
     optimizer = build_optimizer(groups, optim)
     params = [p for g in groups for p in g["params"]]
     result = LocalResult(task=task)
@@ -143,4 +143,5 @@ def train_local(cfg: PretrainConfig, *, records: Sequence[Record], tokenizer: To
     task = TIPSv2Task(cfg.task)
     vision = cfg.task.model.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer)
-    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depth=vision.depth, on_step=on_step)
+    return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),
+               on_step=on_step)

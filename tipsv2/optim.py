@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tipsv2.models.config import ModelConfig
+
+
+class Tower(str, enum.Enum):
+    VISION = "vision"
+    TEXT = "text"
+
 
 class Optimizer(str, enum.Enum):
     ADAMW = "adamw"
@@ -27,7 +34,8 @@ class OptimConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = 1.0         # lr scale per block below the top (1.0: off; DINOv2 uses 0.9 for large models)
+    layer_decay: float = 1.0         # lr scale per block below the top of its tower (1.0: off; DINOv2 uses 0.9 for large models)
+    layer_decay_text: bool = True    # False: the text tower trains at the full lr (layer decay on the vision tower only)
     clip_grad: float = 3.0           # max global gradient norm (0: off)
 
     def __post_init__(self) -> None:
@@ -41,8 +49,26 @@ NO_DECAY = re.compile(r"(\.bias$|norm|ln_|\.gamma$|cls_token|register_tokens|mas
                       r"log_temperature|sigmoid_bias|token_embedding)")
 
 
+@dataclass(frozen=True)
+class TowerDepths:
+    """Blocks per tower: layer-wise lr decay runs over each tower's own depth."""
+    vision: int
+    text: int
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> TowerDepths:
+        return cls(vision=model.vision.depth, text=model.text.depth)
+
+
+def tower(name: str) -> Tower | None:
+    """Which encoder tower a parameter belongs to (None: heads, temperature, anything above both)."""
+    if match := re.search(r"(?:^|\.)(vision|text)\.", name):
+        return Tower(match.group(1))
+    return None
+
+
 def layer_id(name: str, depth: int) -> int:
-    """0 for embeddings and tokens, i + 1 for block i (vision or text), depth + 1 for everything above."""
+    """Within a tower of `depth` blocks: 0 for embeddings and tokens, i + 1 for block i, depth + 1 above."""
     if match := re.search(r"(?:blocks|resblocks)\.(\d+)\.", name):
         return int(match.group(1)) + 1
     if re.search(r"(patch_embed|cls_token|register_tokens|mask_token|pos_embed|token_embedding)", name):
@@ -50,18 +76,27 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_groups(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig, *, depth: int) -> list[dict]:
-    """Groups keyed by (decay?, layer); each carries `lr_scale` and `weight_decay` for the scheduler."""
-    groups: dict[tuple[bool, int], dict] = {}
+def lr_scale(name: str, cfg: OptimConfig, depths: TowerDepths) -> float:
+    """layer_decay ** (blocks between the parameter and the top of its own tower); 1 outside the towers."""
+    which = tower(name)
+    if which is None or (which == Tower.TEXT and not cfg.layer_decay_text):
+        return 1.0
+    depth = depths.vision if which == Tower.VISION else depths.text
+    return cfg.layer_decay ** (depth + 1 - layer_id(name, depth))
+
+
+def param_groups(named: list[tuple[str, nn.Parameter]], cfg: OptimConfig, *, depths: TowerDepths) -> list[dict]:
+    """Groups keyed by (decay?, lr scale); each carries `lr_scale` and `weight_decay` for the scheduler."""
+    groups: dict[tuple[bool, float], dict] = {}
     for name, param in named:
         if not param.requires_grad:
             continue
         decay = param.ndim > 1 and not NO_DECAY.search(name)
-        layer = layer_id(name, depth)
-        key = (decay, layer)
+        scale = lr_scale(name, cfg, depths)
+        key = (decay, scale)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "weight_decay": cfg.weight_decay if decay else 0.0,
-                           "lr_scale": cfg.layer_decay ** (depth + 1 - layer)}
+                           "lr_scale": scale}
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())

@@ -5,12 +5,19 @@ and no engine state: cross-rank gathers and reductions are injected at construct
 process), and parameter gathering for the EMA under ZeRO-3 is injected into `update_teacher`.
 
 One step, in phases:
-    teacher = task.teacher_output(batch=batch, step=step)        # no gradient
     student = task.student_output(batch=batch)
+    teacher = task.teacher_output(batch=batch, step=step, clean=student.clean)   # no gradient
     losses  = task.compute_losses(teacher=teacher, student=student, batch=batch, step=step)
     (optimiser step on losses["loss/total"])
     task.update_teacher(step=step, total_steps=total)             # EMA, after the optimiser step
 `forward(batch, step)` runs the first three and updates the centers.
+
+Passes of the image encoder per step, by default (head-only EMA, contrastive on the clean crop, as in
+the official TIPS/TIPSv2 block diagrams, `google-deepmind/tips` docs/images/tipsv2_block.png): two on
+the global crop, one with gradient on the clean crop (contrastive loss; its detached features through
+the EMA heads are the teacher targets, since the teacher encoder *is* the student's) and one on the
+masked crop (iBOT++), plus one on the local crops (DINO). Full EMA adds the EMA encoder's pass. The
+clean pass runs without drop path: teacher targets never depend on it (DINOv2's teacher has none).
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from torch import Tensor, nn
 
 from tipsv2.data.batch import Batch
 from tipsv2.losses.contrastive import ContrastiveKind, ContrastiveLossConfig, dual_contrastive, identity
-from tipsv2.losses.dino import (Centering, ClsToken, DinoLossConfig, center_norm, centered_teacher_probs,
-                                dino_loss, sinkhorn_knopp, teacher_entropy, teacher_temperature, update_center)
+from tipsv2.losses.dino import (Centering, ClsToken, DinoLossConfig, center_norm, dino_loss, teacher_entropy,
+                                teacher_probs, teacher_temperature, update_center)
 from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind, patch_loss
 from tipsv2.losses.koleo import KoLeoConfig, koleo_loss
 from tipsv2.models.config import ModelConfig
@@ -65,8 +72,8 @@ class TeacherConfig:
 
 
 class ContrastiveView(str, enum.Enum):
-    MASKED = "masked"  # CLS tokens of the student's masked global crop (one student pass, DINOv2-like)
-    CLEAN = "clean"    # an extra student pass on the clean global crop
+    CLEAN = "clean"    # the clean global crop, as in the official block diagrams (default)
+    MASKED = "masked"  # CLS tokens of the masked global crop (ablation: no clean pass with gradient)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +81,7 @@ class TaskConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     head: DinoHeadConfig = field(default_factory=DinoHeadConfig)
     contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
-    contrastive_view: ContrastiveView = ContrastiveView.MASKED
+    contrastive_view: ContrastiveView = ContrastiveView.CLEAN
     dino: DinoLossConfig = field(default_factory=DinoLossConfig)
     patch: PatchLossConfig = field(default_factory=PatchLossConfig)
     koleo: KoLeoConfig = field(default_factory=KoLeoConfig)
@@ -97,6 +104,7 @@ class StudentOut:
     synthetic_text: Tensor  # (B, D)
     local_logits: Tensor   # (M, B, K) DINO head on the local crops' CLS
     patch_logits: Tensor   # (B, N, K) patch head on the masked global crop
+    clean: ImageFeatures | None = None  # the clean global crop's features, with gradient (ContrastiveView.CLEAN)
 
 
 def ema_momentum(step: int, total_steps: int, cfg: TeacherConfig) -> float:
@@ -162,26 +170,33 @@ class TIPSv2Task(nn.Module):
         """The EMA image encoder (full EMA) or the student's own (head-only EMA, run without gradient)."""
         return self.teacher_vision if self.teacher_vision is not None else self.model.vision
 
-    def targets(self, logits: Tensor, center: Tensor, temp: float, centering: Centering) -> Tensor:
-        if centering == Centering.SINKHORN_KNOPP:
-            return sinkhorn_knopp(logits, temp, reduce_sum=self.reduce_sum)
-        return centered_teacher_probs(logits, center, temp)
+    @torch.no_grad()
+    def teacher_features(self, batch: Batch, clean: ImageFeatures | None) -> ImageFeatures:
+        """The teacher encoder on the clean global crop, without drop path. Under head-only EMA the
+        student's own clean pass (`clean`, computed without drop path) is that same computation: reuse it."""
+        if clean is not None and self.teacher_vision is None:
+            return ImageFeatures(cls1=clean.cls1.detach(), cls2=clean.cls2.detach(), patches=clean.patches.detach())
+        return self.teacher_encoder()(batch.global_crop, stochastic_depth=False)
 
     @torch.no_grad()
-    def teacher_output(self, *, batch: Batch, step: int) -> TeacherOut:
-        feats = self.teacher_encoder()(batch.global_crop)                       # the clean crop
+    def teacher_output(self, *, batch: Batch, step: int, clean: ImageFeatures | None = None) -> TeacherOut:
+        feats = self.teacher_features(batch, clean)                              # the clean crop
         dino_logits = self.teacher_dino_head(pick_cls(feats, self.cfg.dino.cls))  # (B, K)
         patch_logits = self.teacher_patch_head(feats.patches)                    # (B, N, K)
-        dino_probs = self.targets(dino_logits, self.dino_center, teacher_temperature(step, self.cfg.dino),
-                                  self.cfg.dino.centering)
-        patch_probs = self.targets(patch_logits, self.patch_center, teacher_temperature(step, self.cfg.patch),
-                                   self.cfg.patch.centering)
+        dino_probs = teacher_probs(dino_logits, self.dino_center, teacher_temperature(step, self.cfg.dino),
+                                   self.cfg.dino.centering, self.reduce_sum)
+        patch_probs = teacher_probs(patch_logits, self.patch_center, teacher_temperature(step, self.cfg.patch),
+                                    self.cfg.patch.centering, self.reduce_sum)
         return TeacherOut(dino_logits=dino_logits, dino_probs=dino_probs, patch_logits=patch_logits,
                           patch_probs=patch_probs)
 
     def student_output(self, *, batch: Batch) -> StudentOut:
+        clean = None
+        if self.cfg.contrastive_view == ContrastiveView.CLEAN:
+            # No drop path: under head-only EMA these features, detached, are also the teacher's.
+            clean = self.model.encode_image(batch.global_crop, stochastic_depth=False)
         masked = self.model.encode_image(batch.global_crop, batch.masks)
-        clip = masked if self.cfg.contrastive_view == ContrastiveView.MASKED else self.model.encode_image(batch.global_crop)
+        clip = clean if clean is not None else masked
         b, m = batch.local_crops.shape[:2]
         local = self.model.encode_image(batch.local_crops.flatten(0, 1))        # (B*M, ...)
         local_logits = self.dino_head(pick_cls(local, self.cfg.dino.cls))       # (B*M, K)
@@ -191,6 +206,7 @@ class TIPSv2Task(nn.Module):
             synthetic_text=self.model.encode_text(batch.syn_ids, batch.syn_paddings),
             local_logits=local_logits.reshape(b, m, -1).transpose(0, 1),       # (M, B, K)
             patch_logits=self.patch_head(masked.patches),
+            clean=clean,
         )
 
     def compute_losses(self, *, teacher: TeacherOut, student: StudentOut, batch: Batch, step: int) -> dict[str, Tensor]:
@@ -234,8 +250,8 @@ class TIPSv2Task(nn.Module):
                                                   self.cfg.patch.center_momentum, self.reduce_mean))
 
     def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
-        teacher = self.teacher_output(batch=batch, step=step)
         student = self.student_output(batch=batch)
+        teacher = self.teacher_output(batch=batch, step=step, clean=student.clean)
         losses = self.compute_losses(teacher=teacher, student=student, batch=batch, step=step)
         self.update_centers(teacher)
         return losses

@@ -108,6 +108,16 @@ def sinkhorn_knopp(teacher_logits: Tensor, temp: float, iterations: int = 3,
 
 
 @torch.no_grad()
+def teacher_probs(teacher_logits: Tensor, center: Tensor, temp: float, centering: Centering,
+                  reduce_sum: Reduce = identity) -> Tensor:
+    """Teacher targets (..., K) by the configured centering: Sinkhorn-Knopp over the global batch, or the
+    EMA center subtracted before the sharpened softmax. No gradient."""
+    if centering == Centering.SINKHORN_KNOPP:
+        return sinkhorn_knopp(teacher_logits, temp, reduce_sum=reduce_sum)
+    return centered_teacher_probs(teacher_logits, center, temp)
+
+
+@torch.no_grad()
 def update_center(center: Tensor, teacher_logits: Tensor, momentum: float,
                   reduce_mean: Reduce = identity) -> Tensor:
     """New center = momentum * center + (1 - momentum) * global batch mean of `teacher_logits` (..., K).

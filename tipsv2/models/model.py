@@ -38,13 +38,15 @@ class TIPSModel(nn.Module):
         """Softmax temperature (logits = cosine / temperature), clamped to the configured bounds."""
         return self.log_temperature.exp().clamp(self.cfg.temperature_min, self.cfg.temperature_max)
 
-    def encode_image(self, images: Tensor, masks: Tensor | None = None, *, dense: bool = False) -> ImageFeatures:
+    def encode_image(self, images: Tensor, masks: Tensor | None = None, *, dense: bool = False,
+                     stochastic_depth: bool = True) -> ImageFeatures:
         """images float RGB in [0, 1], (B, 3, H, W) with H, W multiples of 14; masks bool (B, N), True = masked.
 
         dense=True replaces the last block's attention output by its value vectors (MaskCLIP), the
-        patch representation the official zero-shot segmentation evaluation uses.
+        patch representation the official zero-shot segmentation evaluation uses. stochastic_depth=False
+        turns drop path off in training mode too (teacher targets must not depend on it).
         """
-        return self.vision(images, masks, dense=dense)
+        return self.vision(images, masks, dense=dense, stochastic_depth=stochastic_depth)
 
     def encode_text(self, ids: Tensor, paddings: Tensor) -> Tensor:
         """ids long (B, L), paddings (B, L) with 1 at pads -> (B, D), not L2-normalised."""

@@ -116,10 +116,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(cfg.width, cfg.layerscale_init)
         self.drop_rate = drop_rate
 
-    def forward(self, x: Tensor, *, dense: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, dense: bool = False, stochastic_depth: bool = True) -> Tensor:
         attn = self.attn.values if dense else self.attn
-        x = x + drop_path(self.ls1(attn(self.norm1(x))), self.drop_rate, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_rate, self.training)
+        drop = self.training and stochastic_depth
+        x = x + drop_path(self.ls1(attn(self.norm1(x))), self.drop_rate, drop)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_rate, drop)
 
 
 class VisionTransformer(nn.Module):
@@ -184,10 +185,12 @@ class VisionTransformer(nn.Module):
         x = x + self.interpolate_pos_encoding(h // self.patch_size, w // self.patch_size, x.dtype)
         return torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
 
-    def forward(self, images: Tensor, masks: Tensor | None = None, *, dense: bool = False) -> ImageFeatures:
+    def forward(self, images: Tensor, masks: Tensor | None = None, *, dense: bool = False,
+                stochastic_depth: bool = True) -> ImageFeatures:
+        """stochastic_depth=False runs without drop path even in training mode (teacher targets)."""
         x = self.prepare_tokens(images, masks)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, dense=dense and i == last)
+            x = block(x, dense=dense and i == last, stochastic_depth=stochastic_depth)
         x = self.norm(x)
         return ImageFeatures(cls1=x[:, 0], cls2=x[:, 1], patches=x[:, 2:])
