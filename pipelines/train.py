@@ -156,8 +156,12 @@ def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_s
     collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean, "reduce_sum": reduce_sum}.items()
                    if v is not None}
     if job == Job.PRETRAIN:
+        init = load_export(local_copy(cfg.init)) if cfg.init else None
         torch.manual_seed(cfg.seed)
-        return TIPSv2Task(cfg.task, rank=rank, **collectives)
+        task = TIPSv2Task(cfg.task, rank=rank, **collectives)
+        if init is not None:
+            task.initialise_from(*init)
+        return task
     # Loaded before seeding, as tipsv2.distill_loop.distill_local does: the student's init is the same.
     teacher, dino_head, patch_head = load_teacher(cfg.teacher)
     student = load_export(local_copy(cfg.student_init))[0] if cfg.student_init else None
@@ -1081,7 +1085,8 @@ def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
     from tipsv2.loop import endless, fit, train_local
 
     if job == Job.PRETRAIN:
-        return train_local(cfg, records=records, tokenizer=tokenizer, on_step=on_step).task
+        init = load_export(local_copy(cfg.init)) if cfg.init else None
+        return train_local(cfg, records=records, tokenizer=tokenizer, on_step=on_step, init=init).task
     task = build_task(job, cfg)
     vision = cfg.task.student.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,

@@ -22,6 +22,8 @@ from tipsv2.data.batch import Batch, collate, make_example
 from tipsv2.data.schema import Granularity
 from tipsv2.data.synthetic import SyntheticConfig, make_scene
 from tipsv2.optim import OptimConfig, TowerDepths, build_optimizer, learning_rate, param_groups, set_learning_rate
+from tipsv2.models.heads import DinoHead
+from tipsv2.models.model import TIPSModel
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
 
@@ -137,10 +139,14 @@ def fit(task: Steppable, *, stream: Iterator[tuple[int, Batch]], optim: OptimCon
 
 
 def train_local(cfg: PretrainConfig, *, records: Sequence[Record], tokenizer: Tokenizer,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
-    """Pretrain `cfg.steps` steps in this process; deterministic for a given cfg.seed."""
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                init: tuple[TIPSModel, DinoHead | None, DinoHead | None] | None = None) -> LocalResult:
+    """Pretrain `cfg.steps` steps in this process; deterministic for a given cfg.seed. `init`: (model, DINO
+    head, patch head) of an export to start from (what `cfg.init` names, loaded by the caller)."""
     torch.manual_seed(cfg.seed)
     task = TIPSv2Task(cfg.task)
+    if init is not None:
+        task.initialise_from(*init)
     vision = cfg.task.model.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer)
     return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),

@@ -256,6 +256,22 @@ class TIPSv2Task(nn.Module):
         self.update_centers(teacher)
         return losses
 
+    @torch.no_grad()
+    def initialise_from(self, model: TIPSModel, dino_head: DinoHead | None, patch_head: DinoHead | None) -> None:
+        """Start from an exported model (`PretrainConfig.init`): its encoders, and its EMA heads for both the
+        student and the teacher heads (an export holds the teacher's); a full-EMA teacher copies the encoder.
+        Shapes must match; the position grid may differ in nothing (same `vision.image_size`)."""
+        self.model.load_state_dict(model.state_dict())
+        if (dino_head is None) != (patch_head is None):
+            raise ValueError("initialise_from needs both heads or neither")
+        if dino_head is not None:
+            for student, teacher, source in ((self.dino_head, self.teacher_dino_head, dino_head),
+                                             (self.patch_head, self.teacher_patch_head, patch_head)):
+                student.load_state_dict(source.state_dict())
+                teacher.load_state_dict(source.state_dict())
+        if self.teacher_vision is not None:
+            self.teacher_vision.load_state_dict(self.model.vision.state_dict())
+
     # -- after the optimiser step --------------------------------------------------------------------
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = [(self.teacher_dino_head, self.dino_head)]

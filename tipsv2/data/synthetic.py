@@ -63,6 +63,12 @@ class Texture(str, enum.Enum):
     GRADIENT = "gradient"
 
 
+class Label(str, enum.Enum):
+    """What the mask's labels (and the zero-shot classes) name."""
+    SHAPE = "shape"    # label i + 1 = shapes[i]: a property of the whole outline, not readable from one patch
+    COLOUR = "colour"  # label i + 1 = colours[i]: readable from any patch of the object
+
+
 class Split(str, enum.Enum):
     TRAIN = "train"
     VAL = "val"
@@ -93,6 +99,8 @@ class SyntheticConfig:
     colours: tuple[Colour, ...] = tuple(Colour)
     sizes: tuple[Size, ...] = tuple(Size)
     textures: tuple[Texture, ...] = tuple(Texture)
+    label: Label = Label.SHAPE                 # what mask labels name (Label.COLOUR: a patch can see its class)
+    size_scale: float = 1.0                    # multiplies SIZE_FRACTION (1.6: large objects span ~5 patches at 112 px)
     min_objects: int = 1
     max_objects: int = 4
     min_visible_fraction: float = 0.3          # objects occluded beyond this are removed from the scene
@@ -114,6 +122,11 @@ class SyntheticConfig:
                 raise ValueError(f"{name} must not be empty")
         if len(set(self.shapes)) != len(self.shapes):
             raise ValueError(f"shapes must be distinct, got {self.shapes}")
+        if len(set(self.colours)) != len(self.colours):
+            raise ValueError(f"colours must be distinct, got {self.colours}")
+        if not 0.1 <= self.size_scale <= 2.0 / max(SIZE_FRACTION[s] for s in self.sizes):
+            raise ValueError(f"size_scale must be in [0.1, {2.0 / max(SIZE_FRACTION[s] for s in self.sizes):.2f}] "
+                             f"(objects no wider than the image), got {self.size_scale}")
         if not 0.0 <= self.alt_text_noise <= 1.0:
             raise ValueError(f"alt_text_noise must be in [0, 1], got {self.alt_text_noise}")
         if self.background_depth <= self.layer_step * self.max_objects:
@@ -146,7 +159,7 @@ class SceneObject:
 @dataclass(frozen=True, kw_only=True)
 class Scene:
     image: Image.Image            # RGB, (image_size, image_size)
-    mask: np.ndarray              # (H, W) uint8: 0 background, i + 1 for cfg.shapes[i]
+    mask: np.ndarray              # (H, W) uint8: 0 background, i + 1 for class_names(cfg)[i]
     depth: np.ndarray             # (H, W) float32, m; background farthest
     objects: tuple[SceneObject, ...]   # draw order, only objects that stayed visible
     texture: Texture
@@ -155,8 +168,13 @@ class Scene:
 
 
 def class_names(cfg: SyntheticConfig = SyntheticConfig()) -> tuple[str, ...]:
-    """Category names for labels 1..C of the mask (label 0 is the background)."""
-    return tuple(s.value for s in cfg.shapes)
+    """Class names for labels 1..C of the mask (label 0 is the background): shapes, or colours."""
+    return tuple(c.value for c in (cfg.colours if cfg.label == Label.COLOUR else cfg.shapes))
+
+
+def object_radius(cfg: SyntheticConfig, size: Size) -> float:
+    """Half the bounding diameter of an object, in px."""
+    return SIZE_FRACTION[size] * cfg.size_scale * cfg.image_size / 2
 
 
 def scene_rng(cfg: SyntheticConfig, split: Split | str, index: int) -> np.random.Generator:
@@ -240,7 +258,7 @@ def render_background(rng: np.random.Generator, texture: Texture, size: int) -> 
 
 def _sample_object(rng: np.random.Generator, cfg: SyntheticConfig, layer: int) -> dict:
     size = cfg.sizes[rng.integers(len(cfg.sizes))]
-    radius = SIZE_FRACTION[size] * cfg.image_size / 2
+    radius = object_radius(cfg, size)
     return {
         "category": cfg.shapes[rng.integers(len(cfg.shapes))],
         "colour": cfg.colours[rng.integers(len(cfg.colours))],
@@ -255,7 +273,7 @@ def _sample_object(rng: np.random.Generator, cfg: SyntheticConfig, layer: int) -
 def _full_masks(cfg: SyntheticConfig, drafts: list[dict]) -> list[np.ndarray]:
     """Each object's whole shape, (H, W) bool, before any occlusion."""
     n = cfg.image_size
-    return [shape_mask(d["category"], d["center"], SIZE_FRACTION[d["size"]] * n / 2, d["rotation"], n) for d in drafts]
+    return [shape_mask(d["category"], d["center"], object_radius(cfg, d["size"]), d["rotation"], n) for d in drafts]
 
 
 def _compose(cfg: SyntheticConfig, background: np.ndarray, drafts: list[dict], full: list[np.ndarray]
@@ -272,7 +290,8 @@ def _compose(cfg: SyntheticConfig, background: np.ndarray, drafts: list[dict], f
     owner = np.full((n, n), -1, np.int64)
     for k, (d, shape) in enumerate(zip(drafts, full)):
         image[shape] = RGB[d["colour"]]
-        labels[shape] = cfg.shapes.index(d["category"]) + 1
+        labels[shape] = (cfg.colours.index(d["colour"]) if cfg.label == Label.COLOUR
+                         else cfg.shapes.index(d["category"])) + 1
         depth[shape] = cfg.background_depth - cfg.layer_step * (k + 1)
         owner[shape] = k
     return image, labels, depth, [owner == k for k in range(len(drafts))]
@@ -409,7 +428,7 @@ def alt_text(rng: np.random.Generator, cfg: SyntheticConfig, objects: Sequence[S
 
 GROUND_TRUTH = pa.schema([
     pa.field("id", pa.string(), nullable=False),            # the image id in the IMAGES file
-    pa.field("mask", pa.binary(), nullable=False),          # PNG, mode L: 0 background, i + 1 = shapes[i]
+    pa.field("mask", pa.binary(), nullable=False),          # PNG, mode L: 0 background, i + 1 = class_names(cfg)[i]
     pa.field("depth", pa.binary(), nullable=False),         # np.save of (H, W) float32, m
     *[pa.field(caption_column(g), pa.string(), nullable=False) for g in Granularity],
     pa.field("background", pa.string(), nullable=False),    # Texture value
