@@ -183,7 +183,7 @@ def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float, 
                             centering=Centering.SINKHORN_KNOPP),  # DINOv2 vitg14.yaml; the EMA center in ssl_default
         patch=PatchLossConfig(weight=2.0,           # DESIGN
                               kind=PatchLossKind.IBOT_PLUS_PLUS,  # DESIGN: TIPSv2's iBOT++
-                              centering=Centering.SINKHORN_KNOPP),
+                              centering=Centering.SINKHORN_KNOPP),    # DINOv2 vitg14.yaml, as for DINO
         teacher=TeacherConfig(mode=TeacherMode.HEAD_ONLY_EMA,  # DESIGN: TIPSv2's head-only EMA
                               momentum=0.994),      # DINOv2 vitg14.yaml (0.992 in ssl_default), cosine to 1.0
     )
@@ -198,11 +198,12 @@ def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float, 
                         clip_grad=3.0)                       # DINOv2 (ssl_default)
     engine = EngineConfig(workers=8, use_gpu=True,           # one 8-GPU node (cluster/aws.yaml p5 / gcp a3)
                           precision=Precision.BF16,          # our choice: bf16 keeps float32 masters (README)
-                          zero_stage=zero_stage, checkpoint_every=2000)
+                          zero_stage=zero_stage,             # bench/results/train.json: ZeRO-3 only for g/14
+                          checkpoint_every=2000)             # our choice: a lost node costs under 2000 steps
     return PretrainConfig(task=task, data=data, optim=optim, engine=engine,
                           steps=50_000 if high else 500_000,  # our choice: 10 % at high resolution, as TIPS v1
                                                               # trained g/14 at low then high resolution (release)
-                          log_every=50)
+                          log_every=50)                       # our choice: metrics every 50 steps
 
 
 def _paper_presets(stage: Stage, suffix: str) -> dict[str, Callable[[], PretrainConfig]]:
