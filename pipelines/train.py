@@ -47,6 +47,8 @@ import torch
 from torch import nn
 
 from pipelines import cli, data, storage
+from pipelines.estimate import log_plan
+from pipelines.resources import Stage, training_request
 from pipelines.tracking import MetricsSink, NullSink, open_sink
 from pipelines.tracking import flatten as tracking_flatten
 from tipsv2 import config_tree
@@ -887,13 +889,8 @@ def local_ray_cpus(cfg: Config) -> int:
 
 
 def rank_request(job: Job, engine) -> dict[str, float]:
-    """What one Ray Train rank asks for: on GPUs the stage's production request (pipelines.resources,
-    which the cluster node types offer); on CPU machines `engine.cpus_per_worker` CPUs."""
-    from pipelines.resources import RESOURCE_REQUESTS, Stage
-
-    if not engine.use_gpu:
-        return {"CPU": engine.cpus_per_worker}
-    return dict(RESOURCE_REQUESTS[Stage.PRETRAIN if job == Job.PRETRAIN else Stage.DISTILL])
+    """What one Ray Train rank asks for (pipelines.resources.training_request)."""
+    return training_request(Stage(job.value), use_gpu=engine.use_gpu, cpus_per_worker=engine.cpus_per_worker)
 
 
 def worker_resources(request: dict[str, float]) -> dict[str, float]:
@@ -965,6 +962,7 @@ def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs
     sink = open_sink(cfg.tracking, output_root=output, run_id=run_id)
     if run_id is None:
         sink.log_params(config_tree.to_dict(cfg))
+        log_plan(sink, Stage(job.value), cfg)   # the plan's images/s, step time and memory, beside the run's
         sink.set_tags({"tipsv2.job": job.value, "tipsv2.output": output, "tipsv2.engine": "local" if local else "ray"})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / cli.CONFIG_FILE
