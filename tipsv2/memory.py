@@ -20,18 +20,19 @@ Activations: the tensors autograd saves for backward, per image, counted from th
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from tipsv2.configs import Config, Precision, PretrainConfig, model_config_of
-from tipsv2.distill import DistillTask
+from tipsv2.configs import Config, Precision, model_config_of
+from tipsv2.distill import DistillTask, DistillTaskConfig
 from tipsv2.models.config import FFN, ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
 from tipsv2.models.model import TIPSModel
 from tipsv2.models.vision import swiglu_hidden
-from tipsv2.task import ContrastiveView, TIPSv2Task
+from tipsv2.task import ContrastiveView, TaskConfig, TIPSv2Task
 
 GiB = 2 ** 30
 
@@ -79,8 +80,14 @@ class ActivationConfig:
 def parameter_count(cfg: Config, teacher: ModelConfig | None = None) -> ParameterCount:
     """Parameters of the task that `cfg` trains, counted on the meta device (no memory, no init).
     Distillation's frozen teacher: `teacher`, or when None a model of the student's size."""
+    return task_parameter_count(cfg.task, teacher)
+
+
+@functools.lru_cache(maxsize=32)
+def task_parameter_count(task_cfg: TaskConfig | DistillTaskConfig, teacher: ModelConfig | None) -> ParameterCount:
+    """parameter_count by task config (frozen, hashable): the planner asks many times per preset."""
     with torch.device("meta"):
-        task = build_meta_task(cfg, teacher)
+        task = build_meta_task(task_cfg, teacher)
     unique = {id(p): p for p in task.parameters()}.values()
     ema_ids = {id(p) for module, _ in getattr(task, "ema_pairs", lambda: [])() for p in module.parameters()}
     return ParameterCount(trained=sum(p.numel() for p in unique if p.requires_grad),
@@ -88,12 +95,12 @@ def parameter_count(cfg: Config, teacher: ModelConfig | None = None) -> Paramete
                           ema=sum(p.numel() for p in unique if id(p) in ema_ids))
 
 
-def build_meta_task(cfg: Config, teacher: ModelConfig | None) -> torch.nn.Module:
-    if isinstance(cfg, PretrainConfig):
-        return TIPSv2Task(cfg.task)
-    model = TIPSModel(teacher or cfg.task.student)
-    heads = [DinoHead(model.width, cfg.task.head) for _ in range(2)]
-    return DistillTask(cfg.task, teacher=model, teacher_dino_head=heads[0], teacher_patch_head=heads[1])
+def build_meta_task(task_cfg: TaskConfig | DistillTaskConfig, teacher: ModelConfig | None) -> torch.nn.Module:
+    if isinstance(task_cfg, TaskConfig):
+        return TIPSv2Task(task_cfg)
+    model = TIPSModel(teacher or task_cfg.student)
+    heads = [DinoHead(model.width, task_cfg.head) for _ in range(2)]
+    return DistillTask(task_cfg, teacher=model, teacher_dino_head=heads[0], teacher_patch_head=heads[1])
 
 
 def low_bytes(precision: Precision) -> int:
