@@ -53,7 +53,7 @@ from pipelines.tracking import MetricsSink, NullSink, open_sink
 from pipelines.tracking import flatten as tracking_flatten
 from tipsv2 import config_tree
 from tipsv2.checkpoint import load_export, save_export
-from tipsv2.configs import Config, Precision, PretrainConfig, model_config_of
+from tipsv2.configs import Config, Precision, model_config_of
 from tipsv2.distill import DistillTask
 from tipsv2.eval.features import patch_text_similarity
 from tipsv2.flops import flops_per_example, peak_flops
