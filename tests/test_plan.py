@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pipelines import plan as planner
-from pipelines.estimate import Assumptions, Profiles, cpu_throughput, load_profiles, log_plan, verdict
+from pipelines.estimate import (Assumptions, Profiles, cpu_throughput, gpu_throughput, load_profiles, log_plan,
+                                verdict)
 from pipelines.resources import Stage
 from tipsv2 import config_tree
 from tipsv2.configs import PRESETS, Precision, preset
@@ -245,3 +246,21 @@ def test_a_training_start_logs_its_plan():
     assert {"plan/images_per_s_per_worker", "plan/step_s", "plan/mfu", "plan/gpu_memory_gib"} <= set(sink.metrics)
     assert sink.metrics["plan/mfu"][0] == pytest.approx(0.4) and sink.metrics["plan/step_s"][1] == 0
     assert math.isfinite(sink.metrics["plan/gpu_memory_gib"][0])
+
+
+def test_measured_gpu_profiles_come_before_the_assumed_mfu(tmp_path):
+    # A gpu_step.json from an H200 and a gpu_train.json from an H100, as the GPU benches write them.
+    (tmp_path / "gpu_step.json").write_text(json.dumps({"device": "NVIDIA H200", "rows": [
+        {"model": "vit_b14", "px": 224, "batch": 64, "status": "ok", "images_per_s": 1500.0, "mfu": 0.5}]}))
+    profiles = load_profiles(tmp_path)
+    b14, l14 = preset("vit_b14"), preset("vit_l14")
+    same_gpu = gpu_throughput(b14, "H200", assume=Assumptions(), profiles=profiles)
+    assert same_gpu.value == 1500.0 and same_gpu.source.startswith("measured: bench/results/gpu_step.json (NVIDIA H200")
+    other_gpu = gpu_throughput(b14, "H100", assume=Assumptions(), profiles=profiles)
+    assert other_gpu.value == pytest.approx(GPU_PEAK_FLOPS["H100"] * 0.5 / flops_per_example(b14))
+    assert other_gpu.source.startswith("MFU 50% measured on NVIDIA H200")
+    assert "assumed MFU 40%" in gpu_throughput(l14, "H100", assume=Assumptions(), profiles=profiles).source
+    (tmp_path / "gpu_train.json").write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "rows": [
+        {"model": "vit_b14", "status": "ok", "mfu_median": 0.3, "images_per_s_median": 900.0}]}))
+    engine = gpu_throughput(b14, "H100", assume=Assumptions(), profiles=load_profiles(tmp_path))
+    assert engine.value == 900.0 and "bench/results/gpu_train.json (NVIDIA H100" in engine.source
