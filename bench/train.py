@@ -11,11 +11,15 @@
    distributed path's step (pipelines.train.Worker, DeepSpeed) in this process without Ray, fed inline:
    `deepspeed_ratio_without_data` = plain / DeepSpeed-alone compute, `ray_ratio_without_data` =
    DeepSpeed-alone / Ray compute (compute = step minus data preparation or wait).
-2. Memory: B/14 on CPU with 2 workers at ZeRO 1, 2 and 3, ZeRO 1 and 2 with grad_accum 2, and ZeRO 1, 2
-   and 3 in bf16 (a few steps, 2 rows per worker, 112 px crops to keep CPU steps short): per worker, the
-   tensors held at the last step's peak (the larger of after-backward and after-step: weights, gradients,
-   optimizer state, ZeRO's buffers; activations are freed by then) beside the model-state bytes ZeRO predicts (`tipsv2.memory.model_state_bytes`), and the peak
-   resident memory (which also holds freed allocator pages, activations and libraries).
+2. Memory: B/14 (`--memory-models`: any presets) on CPU with 2 workers at ZeRO 1, 2 and 3, ZeRO 1 and 2
+   with grad_accum 2, and ZeRO 1, 2 and 3 in bf16 (a few steps, 2 rows per worker, 112 px crops to keep
+   CPU steps short): per worker, the tensors held at the last step's peak (the larger of after-backward
+   and after-step: weights, gradients, optimizer state, ZeRO's buffers; activations are freed by then)
+   beside the model-state bytes `tipsv2.memory.model_state_bytes` predicts, and the peak resident memory
+   (which also holds freed allocator pages, activations and libraries).
+
+       .venv/bin/python -m bench.train --skip-overhead --append-memory --memory-models tiny vit_s14 \
+           --memory-runs 0:1 1:1 2:1 3:1          # adds tiny and S/14 rows at ZeRO 0-3 (~10 min)
 
 Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean): ZeRO-0 batch 8 0.99 /
 0.97, ZeRO-2 batch 32 1.06 / 0.97, ZeRO-2 batch 8 0.87 / 0.80. Ray's own share is at most 5 % of compute
@@ -23,9 +27,11 @@ Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean)
 gradient hook, bucket copies and a flat fp32 step per parameter, about 20 ms a step whatever the batch:
 deepspeed_ratio_without_data 0.78), which the batch-32 step amortises. The Ray Data feed hides the data
 preparation the plain loop does inline (ratio above 1 at batch 32). B/14 tensors held per worker: ZeRO-1
-2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 3112 / 2684 / 2199); with grad_accum 2, ZeRO-1 3304
-MB and ZeRO-2 2734 MB; in bf16, ZeRO-1 2122 MB, ZeRO-2 2122 MB, ZeRO-3 1952 MB (predicted 2311 / 2097 /
-1855: bf16 weights and gradients, fp32 masters and moments, the EMA's fp32 masters whole). Stages 1 and 2
+2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 2684 / 2684 / 2390); with grad_accum 2, ZeRO-1 3304
+MB and ZeRO-2 2734 MB (predicted 3303 / 2684); in bf16, ZeRO-1 2122 MB, ZeRO-2 2122 MB, ZeRO-3 1952 MB
+(predicted 2097 / 2097 / 1950: bf16 weights and gradients, fp32 masters and moments, the EMA's fp32
+masters whole, one bucket at ZeRO-3). Tiny at ZeRO 0-3: 18.7 / 15.0 / 15.0 / 208 MB (predicted 17.4 /
+13.3 / 13.3 / 202); S/14: 1374 / 1081 / 1081 / 1038 MB (predicted 1373 / 1056 / 1056 / 1035). Stages 1 and 2
 are equal at grad_accum 1 because DeepSpeed 0.19.8 (zero/stage_1_and_2.py, `reduce_gradients`) reduces
 stage 1's gradients at the accumulation boundary through the same buckets as stage 2 and drops the ones this rank
 does not own before `engine.backward` returns: stage 1 holds full gradients only between micro-steps
