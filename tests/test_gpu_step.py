@@ -24,13 +24,13 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_gpu_step_runs_tiny_on_cpu_with_torch_and_this_repository_only(tmp_path):
     result = tmp_path / "gpu_step.json"
-    proc = run_bench("--device", "cpu", "--runs", "tiny:112:4", "--steps", "2", "--warmup", "1",
+    proc = run_bench("--device", "cpu", "--runs", "tiny:112:2", "--steps", "1", "--warmup", "1",
                      "--result", str(result))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(result.read_text())
     assert report["device"] == "cpu" and report["precision"] == "bf16" and report["compile"] is False
     [row] = report["rows"]
-    assert row["model"] == "tiny" and row["status"] == "ok" and row["steps"] == 2, row
+    assert row["model"] == "tiny" and row["status"] == "ok" and row["steps"] == 1, row
     assert row["images_per_s"] > 0 and 0 < row["mfu"] < 1 and row["peak_memory_gib"] > 0
     assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
     assert row["predicted_memory_gib"] > 0
