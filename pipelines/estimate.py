@@ -233,10 +233,12 @@ def advice(cfg: Config, capacity: float, *, assume: Assumptions) -> str:
         fit = largest_fitting_batch(budget=capacity * GiB, state=(est.model_state + est.reserved) * GiB,
                                     per_image=est.activations_per_image * GiB)
         if 1 <= fit < batch:
-            new_accum = accum * math.ceil(batch / fit)
-            if estimate_memory(with_batch(staged, fit, new_accum), assume=assume).total <= capacity:
-                tips.append(f"batch {fit} x grad_accum {new_accum} at ZeRO-{stage} keeps the global batch "
-                            f"(--set data.batch_size={fit} --set engine.grad_accum={new_accum}"
+            # The fewest micro-batches that split the batch evenly into pieces that fit.
+            split = next(n for n in range(math.ceil(batch / fit), batch + 1) if batch % n == 0)
+            new_batch, new_accum = batch // split, accum * split
+            if estimate_memory(with_batch(staged, new_batch, new_accum), assume=assume).total <= capacity:
+                tips.append(f"batch {new_batch} x grad_accum {new_accum} at ZeRO-{stage} keeps the global batch "
+                            f"(--set data.batch_size={new_batch} --set engine.grad_accum={new_accum}"
                             f"{'' if stage == cfg.engine.zero_stage else ' --set engine.zero_stage=3'})")
                 break
     if not tips:

@@ -185,8 +185,12 @@ def test_no_fit_names_what_to_change():
     cfg = config_tree.merge(preset("vit_g14"), {"engine": {"zero_stage": 1}, "data": {"batch_size": 46}})
     result = verdict(cfg, "H100", assume=Assumptions())
     assert not result.fits and "try ZeRO-3 (--set engine.zero_stage=3)" in result.advice
-    small = verdict(preset("vit_b14"), "L4", assume=Assumptions())
-    assert not small.fits and re.search(r"batch \d+ x grad_accum \d+ at ZeRO-2 keeps the global batch", small.advice)
+    small = verdict(preset("vit_b14"), "L4", assume=Assumptions())   # batch 128 per GPU
+    found = re.search(r"batch (\d+) x grad_accum (\d+) at ZeRO-2 keeps the global batch", small.advice)
+    assert not small.fits and found and int(found[1]) * int(found[2]) == 128, small.advice
+    tip = config_tree.merge(preset("vit_b14"), {"data": {"batch_size": int(found[1])},
+                                                "engine": {"grad_accum": int(found[2])}})
+    assert verdict(tip, "L4", assume=Assumptions()).fits
 
 
 def test_cli_prints_text_and_json(capsys):
