@@ -8,9 +8,9 @@
 One step is what the trainer does on each rank, from the project's own code (tipsv2/): TIPSv2Task forward
 (teacher targets, student passes, contrastive + DINO + iBOT++ losses) under bf16 autocast, backward,
 gradient clipping, AdamW on tipsv2.optim's parameter groups with the LR schedule, and the EMA teacher
-update. No Ray, DeepSpeed or MLflow (the GPU machine has none; nothing from pipelines/ is imported;
-tipsv2 itself brings numpy, PIL, safetensors and pyarrow, the last through tipsv2.configs -> tipsv2.data:
-carry its wheel, about 40 MB, where it is missing), no data loading: a few random batches (tipsv2.data.batch.random_batch) live on the device, so the figure is
+update. No Ray, DeepSpeed, MLflow or pyarrow (the GPU machine has none; nothing from pipelines/ is
+imported; tipsv2 brings numpy, PIL and safetensors, which torchvision and transformers bring too), no
+data loading: a few random batches (tipsv2.data.batch.random_batch) live on the device, so the figure is
 the step's own speed, the ceiling a real run approaches. Global crops at PX, local crops at the preset's
 98 px (the paper's high-resolution phase raises the global crop only).
 

@@ -1,5 +1,6 @@
-"""bench/gpu_step.py on CPU at tiny size, in a process where Ray, DeepSpeed, MLflow and pipelines/ cannot
-be imported (the GPU machine has none of them): the step, the report and the JSON it writes."""
+"""bench/gpu_step.py on CPU at tiny size, in a process where Ray, DeepSpeed, MLflow, vLLM, pyarrow and
+pipelines/ cannot be imported (the GPU machine has torch, transformers, timm and torchvision, none of
+those): the step, the report and the JSON it writes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BLOCKED = ("ray", "deepspeed", "mlflow", "vllm", "pipelines")
+BLOCKED = ("ray", "deepspeed", "mlflow", "vllm", "pyarrow", "pipelines")
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
