@@ -6,8 +6,8 @@
 #     STEPS=40 BATCH_B=64 BATCH_L=32 bash bench/gpu_train.sh
 #     DEVICE=cpu MODELS="tiny:8" STEPS=4 WARMUP=1 RESULT=/tmp/x.json bash bench/gpu_train.sh   # smoke test
 #
-# MFU = analytic training FLOPs per image (pipelines/train.py: flops_per_example) x images/s / peak bf16
-# FLOP/s of the device (pipelines/train.py: GPU_PEAK_FLOPS by device name, or TIPSV2_PEAK_FLOPS).
+# MFU = analytic training FLOPs per image (tipsv2/flops.py: flops_per_example) x images/s / peak bf16
+# FLOP/s of the device (tipsv2/flops.py: GPU_PEAK_FLOPS by device name, or TIPSV2_PEAK_FLOPS).
 # Reported: the median over steps after the first WARMUP (start-up, compilation, the first Ray Data
 # execution), so data-loader stalls at epoch boundaries show up only as a lower mean, printed beside it.
 # DEVICE=cpu runs the same commands on CPU, in bf16 too (DeepSpeed's CPU accelerator takes it), for

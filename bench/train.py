@@ -11,11 +11,15 @@
    distributed path's step (pipelines.train.Worker, DeepSpeed) in this process without Ray, fed inline:
    `deepspeed_ratio_without_data` = plain / DeepSpeed-alone compute, `ray_ratio_without_data` =
    DeepSpeed-alone / Ray compute (compute = step minus data preparation or wait).
-2. Memory: B/14 on CPU with 2 workers at ZeRO 1, 2 and 3, ZeRO 1 and 2 with grad_accum 2, and ZeRO 1, 2
-   and 3 in bf16 (a few steps, 2 rows per worker, 112 px crops to keep CPU steps short): per worker, the
-   tensors held at the last step's peak (the larger of after-backward and after-step: weights, gradients,
-   optimizer state, ZeRO's buffers; activations are freed by then) beside the model-state bytes ZeRO predicts (`model_state_bytes`), and the peak
-   resident memory (which also holds freed allocator pages, activations and libraries).
+2. Memory: B/14 (`--memory-models`: any presets) on CPU with 2 workers at ZeRO 1, 2 and 3, ZeRO 1 and 2
+   with grad_accum 2, and ZeRO 1, 2 and 3 in bf16 (a few steps, 2 rows per worker, 112 px crops to keep
+   CPU steps short): per worker, the tensors held at the last step's peak (the larger of after-backward
+   and after-step: weights, gradients, optimizer state, ZeRO's buffers; activations are freed by then)
+   beside the model-state bytes `tipsv2.memory.model_state_bytes` predicts, and the peak resident memory
+   (which also holds freed allocator pages, activations and libraries).
+
+       .venv/bin/python -m bench.train --skip-overhead --append-memory --memory-models tiny vit_s14 \
+           --memory-runs 0:1 1:1 2:1 3:1          # adds tiny and S/14 rows at ZeRO 0-3 (~10 min)
 
 Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean): ZeRO-0 batch 8 0.99 /
 0.97, ZeRO-2 batch 32 1.06 / 0.97, ZeRO-2 batch 8 0.87 / 0.80. Ray's own share is at most 5 % of compute
@@ -23,9 +27,11 @@ Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean)
 gradient hook, bucket copies and a flat fp32 step per parameter, about 20 ms a step whatever the batch:
 deepspeed_ratio_without_data 0.78), which the batch-32 step amortises. The Ray Data feed hides the data
 preparation the plain loop does inline (ratio above 1 at batch 32). B/14 tensors held per worker: ZeRO-1
-2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 3112 / 2684 / 2199); with grad_accum 2, ZeRO-1 3304
-MB and ZeRO-2 2734 MB; in bf16, ZeRO-1 2122 MB, ZeRO-2 2122 MB, ZeRO-3 1952 MB (predicted 2311 / 2097 /
-1855: bf16 weights and gradients, fp32 masters and moments, the EMA's fp32 masters whole). Stages 1 and 2
+2733 MB, ZeRO-2 2733 MB, ZeRO-3 2393 MB (predicted 2684 / 2684 / 2390); with grad_accum 2, ZeRO-1 3304
+MB and ZeRO-2 2734 MB (predicted 3303 / 2684); in bf16, ZeRO-1 2122 MB, ZeRO-2 2122 MB, ZeRO-3 1952 MB
+(predicted 2097 / 2097 / 1950: bf16 weights and gradients, fp32 masters and moments, the EMA's fp32
+masters whole, one bucket at ZeRO-3). Tiny at ZeRO 0-3: 18.7 / 15.0 / 15.0 / 208 MB (predicted 17.4 /
+13.3 / 13.3 / 202); S/14: 1374 / 1081 / 1081 / 1038 MB (predicted 1373 / 1056 / 1056 / 1035). Stages 1 and 2
 are equal at grad_accum 1 because DeepSpeed 0.19.8 (zero/stage_1_and_2.py, `reduce_gradients`) reduces
 stage 1's gradients at the accumulation boundary through the same buckets as stage 2 and drops the ones this rank
 does not own before `engine.backward` returns: stage 1 holds full gradients only between micro-steps
@@ -55,7 +61,7 @@ from pipelines.train import Job, Knobs, Plan, Worker, prepare_tokenizer, read_hi
 from tipsv2 import config_tree
 from tipsv2.configs import preset
 from tipsv2.loop import endless, train_local
-from tipsv2.task import TIPSv2Task
+from tipsv2.memory import MemoryInputs, model_state_bytes, parameter_count
 from tipsv2.tokenizer import Tokenizer
 
 
@@ -151,26 +157,15 @@ def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
             "plain_wall_s": plain_wall, "ray_wall_s": ray_wall}
 
 
-def model_state_bytes(name: str, workers: int, precision: str = "fp32") -> dict[int, float]:
-    """Predicted model-state bytes per worker by ZeRO stage under DeepSpeed. Per trained parameter: the
-    weights and gradients (4 + 4 bytes in fp32, 2 + 2 in bf16), DeepSpeed's fp32 master partition (4, a
-    copy even in fp32) and the AdamW moments (8); per frozen parameter (the EMA heads) its weights (4 or 2),
-    plus in bf16 the EMA's float32 masters (4, whole on every rank). Stage 1 shards master and moments,
-    stage 2 also the gradients, stage 3 also the weights. Buckets (engine.bucket_size) come on top."""
-    with torch.device("meta"):
-        task = TIPSv2Task(preset(name).task)
-    unique = {id(p): p for p in task.parameters()}.values()
-    trained = sum(p.numel() for p in unique if p.requires_grad)
-    frozen = sum(p.numel() for p in unique if not p.requires_grad)
-    low = 4 if precision == "fp32" else 2
-    weights, grads, optimizer = low * trained, low * trained, 12 * trained
-    teacher, ema_masters = low * frozen, (0 if precision == "fp32" else 4 * frozen)
-    return {1: weights + grads + optimizer / workers + teacher + ema_masters,
-            2: weights + (grads + optimizer) / workers + teacher + ema_masters,
-            3: (weights + grads + optimizer + teacher) / workers + ema_masters}
+def predicted_mb(cfg, workers: int) -> float:
+    """The model state tipsv2.memory predicts per worker for this run (MiB)."""
+    engine = cfg.engine
+    inputs = MemoryInputs(stage=engine.zero_stage, workers=workers, precision=engine.precision,
+                          grad_accum=engine.grad_accum, bucket_size=engine.bucket_size)
+    return model_state_bytes(parameter_count(cfg), inputs) / 2 ** 20
 
 
-def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: int) -> list[dict]:
+def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: int, model: str = "vit_b14") -> list[dict]:
     sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
             "engine.use_gpu=false",
             f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
@@ -178,17 +173,17 @@ def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: in
             "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
     out = []
     for stage, accum, precision in runs:
-        cfg = configure("vit_b14", [*sets, f"engine.zero_stage={stage}", f"engine.grad_accum={accum}",
+        cfg = configure(model, [*sets, f"engine.zero_stage={stage}", f"engine.grad_accum={accum}",
                                     f"engine.precision={precision}"],
                         merge={"task": {"dino": {"local_crops": 2}}, "data": {"crops": {"local_crops": 2}}})
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
             run(Job.PRETRAIN, cfg, root, knobs=Knobs())
             rows = read_history(root)
-        out.append({"zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
+        out.append({"model": model, "zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
                     "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],
                     "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
-                    "predicted_model_state_mb_per_worker": model_state_bytes("vit_b14", workers, precision)[stage] / 2 ** 20,
+                    "predicted_model_state_mb_per_worker": predicted_mb(cfg, workers),
                     "step_s": statistics.median(r["time/step_s"] for r in rows[1:] or rows),
                     "wall_s": time.perf_counter() - start})
     return out
@@ -216,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=40, help="steps of the overhead comparison")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the steady-state median")
     parser.add_argument("--memory-steps", type=int, default=2)
-    parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker for B/14")
+    parser.add_argument("--memory-batch", type=int, default=2, help="rows per worker")
+    parser.add_argument("--memory-models", nargs="+", default=["vit_b14"], metavar="PRESET",
+                        help="presets of the memory rows (each runs every --memory-runs row)")
+    parser.add_argument("--append-memory", action="store_true",
+                        help="add the new memory rows to those already written instead of replacing them")
     parser.add_argument("--memory-runs", nargs="+",
                         default=["1:1", "2:1", "3:1", "1:2", "2:2", "1:1:bf16", "2:1:bf16", "3:1:bf16"],
                         metavar="STAGE:GRAD_ACCUM[:PRECISION]",
@@ -239,9 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_memory and previous.exists():
         result["memory"] = json.loads(previous.read_text()).get("memory")
     elif not args.skip_memory:
-        result["memory"] = memory(memory_runs(args.memory_runs), args.memory_steps, args.memory_batch, workers=2)
+        kept = json.loads(previous.read_text()).get("memory", []) if args.append_memory and previous.exists() else []
+        result["memory"] = kept + [row for model in args.memory_models
+                                   for row in memory(memory_runs(args.memory_runs), args.memory_steps,
+                                                     args.memory_batch, workers=2, model=model)]
     if result.get("memory"):
-        print_table(result["memory"], ["zero_stage", "grad_accum", "precision", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
+        print_table(result["memory"], ["model", "zero_stage", "grad_accum", "precision", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
     print(f"wrote {write_json('train', result)}")
 

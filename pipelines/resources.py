@@ -58,6 +58,12 @@ RESOURCE_REQUESTS: Mapping[Stage, ResourceDict] = MappingProxyType(
 )
 
 
+def training_request(stage: Stage, *, use_gpu: bool, cpus_per_worker: float) -> dict[str, float]:
+    """What one Ray Train rank of `stage` (pretrain, distill) asks for: on GPUs the stage's production
+    request, which the cluster node types offer; on CPU machines `cpus_per_worker` CPUs."""
+    return dict(RESOURCE_REQUESTS[stage]) if use_gpu else {"CPU": cpus_per_worker}
+
+
 def accelerator(request: ResourceDict) -> str | None:
     """The accelerator type a request pins (`"L4"` for `accelerator_type:L4`), or None."""
     pins = [name.removeprefix(ACCELERATOR_PREFIX) for name in request if name.startswith(ACCELERATOR_PREFIX)]

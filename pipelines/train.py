@@ -47,13 +47,16 @@ import torch
 from torch import nn
 
 from pipelines import cli, data, storage
+from pipelines.estimate import log_plan
+from pipelines.resources import Stage, training_request
 from pipelines.tracking import MetricsSink, NullSink, open_sink
 from pipelines.tracking import flatten as tracking_flatten
 from tipsv2 import config_tree
 from tipsv2.checkpoint import load_export, save_export
-from tipsv2.configs import DistillConfig, Precision, PretrainConfig
+from tipsv2.configs import Config, Precision, model_config_of
 from tipsv2.distill import DistillTask
 from tipsv2.eval.features import patch_text_similarity
+from tipsv2.flops import flops_per_example, peak_flops
 from tipsv2.loop import NonFiniteLoss, scalars
 from tipsv2.models.config import ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
@@ -71,10 +74,6 @@ HISTORY_FILE = "history.jsonl"
 STOP_FILE = "stopped.json"             # why the last run stopped early (a non-finite loss), for the driver
 EXPORT_DIR = "export"
 HEATMAP_IMAGES = 3
-# Dense bf16 peak FLOP/s per device (vendor figures), matched against torch.cuda.get_device_name().
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
-
-Config = PretrainConfig | DistillConfig
 
 
 class Job(str, enum.Enum):
@@ -188,65 +187,6 @@ def teacher_vision(task: nn.Module) -> VisionConfig | None:
 
 def ema_modules(task: nn.Module) -> list[nn.Module]:
     return [teacher for teacher, _ in task.ema_pairs()] if hasattr(task, "ema_pairs") else []
-
-
-def model_config_of(cfg: Config) -> ModelConfig:
-    """The config of the model being trained (the student when distilling)."""
-    return cfg.task.model if isinstance(cfg, PretrainConfig) else cfg.task.student
-
-
-# ---------------------------------------------------------------- FLOPs and MFU
-
-
-def vision_flops(vision, image_size: int) -> float:
-    """Forward FLOPs (2 x multiply-adds) of the ViT on one image of `image_size` px."""
-    n = (image_size // vision.patch_size) ** 2
-    t, d = n + 2, vision.width
-    hidden = vision.mlp_dim if vision.ffn.value == "mlp" else 3 * ((int(vision.mlp_dim * 2 / 3) + 7) // 8 * 8) // 2
-    per_block = 2 * t * (4 * d * d + 2 * d * hidden) + 4 * t * t * d
-    return 2 * n * 3 * vision.patch_size ** 2 * d + vision.depth * per_block
-
-
-def text_flops(text) -> float:
-    length, d = text.max_len, text.width
-    return text.depth * (2 * length * (4 * d * d + 2 * d * text.mlp_dim) + 4 * length * length * d)
-
-
-def head_flops(width: int, head: DinoHeadConfig) -> float:
-    dims = [width] + [head.hidden] * (head.layers - 1) + [head.bottleneck]
-    return 2 * (sum(a * b for a, b in zip(dims, dims[1:])) + head.bottleneck * head.prototypes)
-
-
-def flops_per_example(cfg: Config, teacher: VisionConfig | None = None) -> float:
-    """Training FLOPs per image and step (an estimate counting matmuls only): 3 x forward for the student
-    (forward + backward), 1 x forward for the teacher (`teacher`: its vision config; None = the student's)."""
-    crops = cfg.data.crops
-    model = model_config_of(cfg)
-    head = cfg.task.head
-    n_global = (crops.global_size // model.vision.patch_size) ** 2
-    student = (vision_flops(model.vision, crops.global_size)
-               + crops.local_crops * vision_flops(model.vision, crops.local_size) + 2 * text_flops(model.text)
-               + (n_global + crops.local_crops) * head_flops(model.vision.width, head))
-    teacher = teacher or model.vision
-    return 3 * student + vision_flops(teacher, crops.global_size) + (n_global + 1) * head_flops(teacher.width, head)
-
-
-def peak_flops(device: torch.device, precision: Precision) -> float:
-    """Peak FLOP/s of one worker's device: TIPSV2_PEAK_FLOPS, a known GPU, or a timed CPU matmul."""
-    if os.environ.get("TIPSV2_PEAK_FLOPS"):
-        return float(os.environ["TIPSV2_PEAK_FLOPS"])
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return value if precision != Precision.FP32 else value / 2
-        return float("nan")
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    (a @ b).sum().item()
-    start = time.perf_counter()
-    for _ in range(4):
-        (a @ b).sum().item()
-    return 4 * 2 * 1024 ** 3 / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- DeepSpeed
@@ -954,13 +894,8 @@ def local_ray_cpus(cfg: Config) -> int:
 
 
 def rank_request(job: Job, engine) -> dict[str, float]:
-    """What one Ray Train rank asks for: on GPUs the stage's production request (pipelines.resources,
-    which the cluster node types offer); on CPU machines `engine.cpus_per_worker` CPUs."""
-    from pipelines.resources import RESOURCE_REQUESTS, Stage
-
-    if not engine.use_gpu:
-        return {"CPU": engine.cpus_per_worker}
-    return dict(RESOURCE_REQUESTS[Stage.PRETRAIN if job == Job.PRETRAIN else Stage.DISTILL])
+    """What one Ray Train rank asks for (pipelines.resources.training_request)."""
+    return training_request(Stage(job.value), use_gpu=engine.use_gpu, cpus_per_worker=engine.cpus_per_worker)
 
 
 def worker_resources(request: dict[str, float]) -> dict[str, float]:
@@ -1032,6 +967,7 @@ def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs
     sink = open_sink(cfg.tracking, output_root=output, run_id=run_id)
     if run_id is None:
         sink.log_params(config_tree.to_dict(cfg))
+        log_plan(sink, Stage(job.value), cfg)   # the plan's images/s, step time and memory, beside the run's
         sink.set_tags({"tipsv2.job": job.value, "tipsv2.output": output, "tipsv2.engine": "local" if local else "ray"})
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / cli.CONFIG_FILE

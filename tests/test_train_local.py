@@ -12,8 +12,9 @@ import torch
 from pipelines import data
 from pipelines.distill import split_teacher
 from pipelines.pretrain import split_local
-from pipelines.train import read_history, vision_flops
+from pipelines.train import read_history
 from tipsv2.checkpoint import load_export
+from tipsv2.flops import vision_flops
 from tipsv2.loop import batches, epoch_order, train_local
 from tipsv2.models.official import load_official
 from tipsv2.tokenizer import Tokenizer

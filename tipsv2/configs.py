@@ -21,7 +21,7 @@ from tipsv2.data.masking import MaskingConfig
 from tipsv2.data.synthetic import Colour, Label, SyntheticConfig
 from tipsv2.losses.dino import Centering, DinoLossConfig
 from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind
-from tipsv2.models.config import model_config
+from tipsv2.models.config import ModelConfig, model_config
 from tipsv2.models.heads import DinoHeadConfig
 from tipsv2.optim import OptimConfig
 from tipsv2.distill import DistillTaskConfig, TeacherHeads
@@ -269,3 +269,11 @@ def distill_preset(name: str) -> DistillConfig:
     if name not in DISTILL_PRESETS:
         raise ValueError(f"unknown distill preset {name!r}; expected one of {sorted(DISTILL_PRESETS)}")
     return DISTILL_PRESETS[name]()
+
+
+Config = PretrainConfig | DistillConfig
+
+
+def model_config_of(cfg: Config) -> ModelConfig:
+    """The config of the model being trained (the student when distilling)."""
+    return cfg.task.model if isinstance(cfg, PretrainConfig) else cfg.task.student

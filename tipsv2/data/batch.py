@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 from tipsv2.data.captions import (CaptionFallback, CaptionSamplingConfig, example_rng,
                                   sample_caption)
 from tipsv2.data.crops import PATCH_SIZE, CropConfig, make_crops
-from tipsv2.data.masking import MaskingConfig, make_mask
+from tipsv2.data.masking import MaskingConfig, make_mask, random_mask
 from tipsv2.data.schema import Granularity
 
 GRANULARITY_INDEX: dict[Granularity, int] = {g: i for i, g in enumerate(Granularity)}
@@ -142,3 +142,21 @@ def collate(examples: list[Example], *, tokenizer: TextTokenizer, masking_cfg: M
         syn_ids=syn_ids.long(), syn_paddings=syn_paddings,
         granularity=torch.tensor(granularity, dtype=torch.long),
     )
+
+
+def random_batch(*, batch_size: int, crops: CropConfig, mask_ratio: float, vocab_size: int, text_len: int,
+                 patch_size: int = PATCH_SIZE, seed: int = 0) -> Batch:
+    """A Batch of uniform random pixels and token ids, with `mask_ratio` of each global crop's patches
+    masked: the shapes of a training batch without decoding, cropping or tokenising (benchmarks, tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = (crops.global_size // patch_size,) * 2
+    rng = np.random.default_rng(seed)
+    ids = [torch.randint(1, vocab_size, (batch_size, text_len), generator=gen) for _ in range(2)]
+    paddings = torch.zeros(batch_size, text_len)
+    return Batch(ids=[f"random-{i}" for i in range(batch_size)],
+                 global_crop=torch.rand(batch_size, 3, crops.global_size, crops.global_size, generator=gen),
+                 local_crops=torch.rand(batch_size, crops.local_crops, 3, crops.local_size, crops.local_size,
+                                        generator=gen),
+                 masks=torch.from_numpy(np.stack([random_mask(grid, mask_ratio, rng) for _ in range(batch_size)])),
+                 alt_ids=ids[0], alt_paddings=paddings, syn_ids=ids[1], syn_paddings=paddings.clone(),
+                 granularity=torch.zeros(batch_size, dtype=torch.long))

@@ -10,8 +10,7 @@ errors:   one row per rejected input or output; the job that wrote it went on.
 from __future__ import annotations
 
 import enum
-
-import pyarrow as pa
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -24,23 +23,14 @@ class Granularity(str, enum.Enum):
 
 DEFAULT_GRANULARITIES: tuple[Granularity, ...] = (Granularity.SHORT, Granularity.MEDIUM, Granularity.LONG)
 
-IMAGES = pa.schema([
-    pa.field("id", pa.string(), nullable=False),          # stable: derived from the content hash
-    pa.field("image", pa.binary(), nullable=False),       # original encoded bytes
-    pa.field("format", pa.string(), nullable=False),      # PIL format name, e.g. "JPEG"
-    pa.field("width", pa.int32(), nullable=False),        # pixels
-    pa.field("height", pa.int32(), nullable=False),       # pixels
-    pa.field("alt_text", pa.string(), nullable=True),
-    pa.field("source", pa.string(), nullable=False),      # URI the bytes came from
-    pa.field("sha256", pa.string(), nullable=False),      # hex digest of `image`
-], metadata={"tipsv2.schema": "images", "tipsv2.schema_version": str(SCHEMA_VERSION)})
-
 
 def caption_column(granularity: Granularity | str) -> str:
     return f"caption_{Granularity(granularity).value}"
 
 
 def captions_schema(granularities: tuple[Granularity, ...] = DEFAULT_GRANULARITIES) -> pa.Schema:
+    import pyarrow as pa
+
     fields = [pa.field("id", pa.string(), nullable=False)]
     fields += [pa.field(caption_column(g), pa.string(), nullable=True) for g in granularities]
     fields.append(pa.field("provenance", pa.string(), nullable=False))  # JSON: {granularity: {...}}
@@ -48,13 +38,44 @@ def captions_schema(granularities: tuple[Granularity, ...] = DEFAULT_GRANULARITI
                                        "tipsv2.schema_version": str(SCHEMA_VERSION)})
 
 
-ERRORS = pa.schema([
-    pa.field("id", pa.string(), nullable=True),           # the row id when one exists
-    pa.field("source", pa.string(), nullable=True),       # else where the input came from
-    pa.field("stage", pa.string(), nullable=False),       # ingest | caption | ...
-    pa.field("reason", pa.string(), nullable=False),      # short machine-readable kind
-    pa.field("detail", pa.string(), nullable=False),      # human-readable message
-], metadata={"tipsv2.schema": "errors", "tipsv2.schema_version": str(SCHEMA_VERSION)})
+def _images() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),          # stable: derived from the content hash
+        pa.field("image", pa.binary(), nullable=False),       # original encoded bytes
+        pa.field("format", pa.string(), nullable=False),      # PIL format name, e.g. "JPEG"
+        pa.field("width", pa.int32(), nullable=False),        # pixels
+        pa.field("height", pa.int32(), nullable=False),       # pixels
+        pa.field("alt_text", pa.string(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),      # URI the bytes came from
+        pa.field("sha256", pa.string(), nullable=False),      # hex digest of `image`
+    ], metadata={"tipsv2.schema": "images", "tipsv2.schema_version": str(SCHEMA_VERSION)})
+
+
+def _errors() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=True),           # the row id when one exists
+        pa.field("source", pa.string(), nullable=True),       # else where the input came from
+        pa.field("stage", pa.string(), nullable=False),       # ingest | caption | ...
+        pa.field("reason", pa.string(), nullable=False),      # short machine-readable kind
+        pa.field("detail", pa.string(), nullable=False),      # human-readable message
+    ], metadata={"tipsv2.schema": "errors", "tipsv2.schema_version": str(SCHEMA_VERSION)})
+
+
+# IMAGES and ERRORS are built on first use (PEP 562), so importing tipsv2 needs no pyarrow: the GPU
+# step bench (bench/gpu_step.py) runs where only torch is installed.
+SCHEMAS = {"IMAGES": _images, "ERRORS": _errors}
+
+
+def __getattr__(name: str) -> Any:
+    if name in SCHEMAS:
+        value = globals()[name] = SCHEMAS[name]()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Row groups sized for image bytes: about 64-128 MB of encoded images per group.
 ROW_GROUP_BYTES = 96 * 1024 * 1024

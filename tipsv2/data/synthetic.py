@@ -8,7 +8,7 @@ evaluation suite (zero-shot classification / segmentation, retrieval, probes).
 
     python -c "from tipsv2.data import synthetic as s; s.write_parquet('/tmp/syn', s.SyntheticConfig())"
 writes /tmp/syn/<split>/images/part-00000.parquet (schema IMAGES) and
-/tmp/syn/<split>/ground_truth/part-00000.parquet (schema GROUND_TRUTH) for train, val and test
+/tmp/syn/<split>/ground_truth/part-00000.parquet (ground_truth_schema()) for train, val and test
 (about 10 s for the default 768 scenes of 112 px on one core).
 """
 
@@ -23,12 +23,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from tipsv2.data.schema import IMAGES, ROW_GROUP_BYTES, Granularity, caption_column
+from tipsv2.data import schema
+from tipsv2.data.schema import ROW_GROUP_BYTES, Granularity, caption_column
 
 
 class Shape(str, enum.Enum):
@@ -426,14 +424,19 @@ def alt_text(rng: np.random.Generator, cfg: SyntheticConfig, objects: Sequence[S
 
 # ---------------------------------------------------------------- Parquet
 
-GROUND_TRUTH = pa.schema([
-    pa.field("id", pa.string(), nullable=False),            # the image id in the IMAGES file
-    pa.field("mask", pa.binary(), nullable=False),          # PNG, mode L: 0 background, i + 1 = class_names(cfg)[i]
-    pa.field("depth", pa.binary(), nullable=False),         # np.save of (H, W) float32, m
-    *[pa.field(caption_column(g), pa.string(), nullable=False) for g in Granularity],
-    pa.field("background", pa.string(), nullable=False),    # Texture value
-    pa.field("objects", pa.string(), nullable=False),       # JSON list of SceneObject.to_json()
-], metadata={"tipsv2.schema": "synthetic_ground_truth", "tipsv2.schema_version": "1"})
+def ground_truth_schema() -> pa.Schema:
+    """The GROUND_TRUTH file's schema. Parquet code imports pyarrow where it runs (here and below), so
+    importing tipsv2 needs no pyarrow (bench/gpu_step.py runs where only torch is installed)."""
+    import pyarrow as pa
+
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),            # the image id in the IMAGES file
+        pa.field("mask", pa.binary(), nullable=False),          # PNG, mode L: 0 background, i + 1 = class_names(cfg)[i]
+        pa.field("depth", pa.binary(), nullable=False),         # np.save of (H, W) float32, m
+        *[pa.field(caption_column(g), pa.string(), nullable=False) for g in Granularity],
+        pa.field("background", pa.string(), nullable=False),    # Texture value
+        pa.field("objects", pa.string(), nullable=False),       # JSON list of SceneObject.to_json()
+    ], metadata={"tipsv2.schema": "synthetic_ground_truth", "tipsv2.schema_version": "1"})
 
 
 def encode_png(array_or_image: np.ndarray | Image.Image) -> bytes:
@@ -474,15 +477,19 @@ def _rows_per_group(cfg: SyntheticConfig) -> int:
 
 
 def _write_split(fs: pafs.FileSystem, paths: dict[str, str], cfg: SyntheticConfig, split: Split) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     size, group = cfg.split_size(split), _rows_per_group(cfg)
+    images_schema, truth_schema = schema.IMAGES, ground_truth_schema()
     with fs.open_output_stream(paths["images"]) as images_out, \
             fs.open_output_stream(paths["ground_truth"]) as truth_out, \
-            pq.ParquetWriter(images_out, IMAGES) as images, \
-            pq.ParquetWriter(truth_out, GROUND_TRUTH) as truth:
+            pq.ParquetWriter(images_out, images_schema) as images, \
+            pq.ParquetWriter(truth_out, truth_schema) as truth:
         for start in range(0, size, group):   # one row group in memory at a time
             rows = [scene_rows(make_scene(cfg, split, i), split, i) for i in range(start, min(start + group, size))]
-            images.write_table(pa.Table.from_pylist([r[0] for r in rows], schema=IMAGES))
-            truth.write_table(pa.Table.from_pylist([r[1] for r in rows], schema=GROUND_TRUTH))
+            images.write_table(pa.Table.from_pylist([r[0] for r in rows], schema=images_schema))
+            truth.write_table(pa.Table.from_pylist([r[1] for r in rows], schema=truth_schema))
 
 
 def write_parquet(out_dir: str, cfg: SyntheticConfig = SyntheticConfig(), *,
@@ -490,6 +497,8 @@ def write_parquet(out_dir: str, cfg: SyntheticConfig = SyntheticConfig(), *,
                   splits: Sequence[Split | str] = tuple(Split)) -> dict[str, dict]:
     """Render every split and write `<out_dir>/<split>/images/part-00000.parquet` (IMAGES) and
     `<out_dir>/<split>/ground_truth/part-00000.parquet` (GROUND_TRUTH). Returns {split: {rows, paths}}."""
+    import pyarrow.fs as pafs
+
     fs = filesystem or pafs.LocalFileSystem()
     root = out_dir.rstrip("/")
     written = {}
@@ -516,6 +525,9 @@ class SceneRecord:
 
 def read_split(root: str, split: Split | str, *, filesystem: pafs.FileSystem | None = None) -> Iterator[SceneRecord]:
     """Scenes of one split written by `write_parquet`, joined by id, in file order."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
     fs = filesystem or pafs.LocalFileSystem()
     base = f"{root.rstrip('/')}/{Split(split).value}"
     tables = {}
