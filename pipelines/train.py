@@ -50,7 +50,7 @@ from pipelines import cli, data, storage
 from pipelines.tracking import MetricsSink, NullSink, open_sink
 from pipelines.tracking import flatten as tracking_flatten
 from tipsv2 import config_tree
-from tipsv2.checkpoint import load_export, save_export
+from tipsv2.checkpoint import ModelSource, load_source, save_export
 from tipsv2.configs import DistillConfig, Precision, PretrainConfig
 from tipsv2.distill import DistillTask
 from tipsv2.eval.features import patch_text_similarity
@@ -58,7 +58,8 @@ from tipsv2.loop import NonFiniteLoss, scalars
 from tipsv2.models.config import ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
 from tipsv2.models.model import TIPSModel, load_strict
-from tipsv2.models.official import export_official, load_official
+from tipsv2.models.hf import export_hf
+from tipsv2.models.official import export_official
 from tipsv2.optim import learning_rate, param_groups
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
@@ -70,6 +71,7 @@ DS_TAG = "ds"
 HISTORY_FILE = "history.jsonl"
 STOP_FILE = "stopped.json"             # why the last run stopped early (a non-finite loss), for the driver
 EXPORT_DIR = "export"
+HF_DIR = "hf"                          # <output>/export/hf: the same model as a transformers Tipsv2Model directory
 HEATMAP_IMAGES = 3
 # Dense bf16 peak FLOP/s per device (vendor figures), matched against torch.cuda.get_device_name().
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
@@ -125,13 +127,12 @@ class TrainerState:
 
 
 def load_teacher(spec: str | None) -> tuple[TIPSModel, DinoHead | None, DinoHead | None]:
-    """An exported model directory (local or s3://), or released `VISION.npz[,TEXT.npz]` checkpoints."""
+    """An exported model directory, "hf:DIR" (a transformers Tipsv2Model directory) or released
+    `VISION.npz[,TEXT.npz]` checkpoints, local or s3://."""
     if not spec:
-        raise ValueError("distillation needs a teacher: --set teacher=EXPORT_DIR or teacher=VISION.npz[,TEXT.npz]")
-    if spec.endswith(".npz") or ".npz," in spec:
-        paths = [local_copy(p) for p in spec.split(",")]
-        return load_official(paths[0], paths[1] if len(paths) > 1 else None), None, None
-    return load_export(local_copy(spec))
+        raise ValueError("distillation needs a teacher: --set teacher=EXPORT_DIR, teacher=hf:DIR or "
+                         "teacher=VISION.npz[,TEXT.npz]")
+    return load_source(ModelSource.parse(spec), fetch=local_copy)
 
 
 def local_copy(uri: str) -> str:
@@ -160,7 +161,7 @@ def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_s
         return TIPSv2Task(cfg.task, rank=rank, **collectives, **extra)
     # Loaded before seeding, as tipsv2.distill_loop.distill_local does: the student's init is the same.
     teacher, dino_head, patch_head = load_teacher(cfg.teacher)
-    student = load_export(local_copy(cfg.student_init))[0] if cfg.student_init else None
+    student = load_source(ModelSource.parse(cfg.student_init), fetch=local_copy)[0] if cfg.student_init else None
     torch.manual_seed(cfg.seed)
     return DistillTask(cfg.task, teacher=teacher, teacher_dino_head=dino_head, teacher_patch_head=patch_head,
                        student=student, rank=rank, **collectives)
@@ -880,11 +881,13 @@ def train_worker(config: dict) -> None:
 def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead, *,
                  head_cfg: DinoHeadConfig, sink: MetricsSink, tokenizer: Tokenizer, source: data.Source,
                  image_size: int) -> str:
-    """<output>/export: model.safetensors + config.json + heads, the official .npz pair, heatmap PNGs."""
+    """<output>/export: model.safetensors + config.json + heads, the official .npz pair, the transformers
+    directory `hf/` (tipsv2.models.hf), heatmap PNGs."""
     with tempfile.TemporaryDirectory(prefix="tipsv2-export-") as tmp:
         root = Path(tmp) / EXPORT_DIR
         save_export(root, model=model, dino_head=dino_head, patch_head=patch_head, head_cfg=head_cfg)
         export_official(model, root / "official_vision.npz", root / "official_text.npz")
+        export_hf(model, tokenizer, root / HF_DIR)
         heatmaps = Path(tmp) / "heatmaps"
         heatmaps.mkdir()
         for index, record in enumerate(data.read_validation(source, HEATMAP_IMAGES)):

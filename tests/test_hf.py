@@ -33,7 +33,8 @@ TOLERANCE = 1e-5
 NATIVE = 56                                   # px: the 4x4 position grid of the tiny models below
 RESOLUTIONS = [(NATIVE, NATIVE), (112, 112), (70, 98)]
 TEXTS = ["A red cube", "  leading and   repeated spaces  ", "UPPER Case Photo of a CAT", "unknown \u2713 \u03a9mega",
-         "tab\tand\nnewline", "", "a very long caption about a small shiny sphere " * 4, "\uff46\uff55\uff4c\uff4c width"]
+         "tab\tand\nnewline", "", "a very long caption about a small shiny sphere " * 4,
+         "\uff46\uff55\uff4c\uff4c width"]
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -73,6 +74,11 @@ def tiny_model(ffn: FFN, vocab: int, seed: int = 0) -> TIPSModel:
     with torch.no_grad():
         model.log_temperature.fill_(np.log(0.03))
     return model
+
+
+def same_weights(a: TIPSModel, b: TIPSModel) -> bool:
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
 def text_batch(tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +152,7 @@ def test_published_checkpoint_without_temperature_takes_the_configs(tmp_path):
     config["temperature_init_value"] = 0.0123
     (directory / "config.json").write_text(json.dumps(config))
     assert float(load_hf(directory).temperature.detach()) == pytest.approx(0.0123, rel=1e-6)
-    assert float(transformers.Tipsv2Model.from_pretrained(directory).temperature) == pytest.approx(0.0123, rel=1e-6)
+    assert float(transformers.Tipsv2Model.from_pretrained(directory).temperature.detach()) == pytest.approx(0.0123, rel=1e-6)
 
 
 def test_released_npz_to_ours_to_hf_to_ours_is_exact(tokenizer, tmp_path):
@@ -250,18 +256,34 @@ def test_model_source_forms(tokenizer, tmp_path):
     export_hf(model, tokenizer, tmp_path / "hf")
     save_export(tmp_path / "export", model=model)
     assert ModelSource.parse("hf:DIR") == ModelSource(Format.HF, ("DIR",))
-    assert ModelSource.parse("s3://b/v.npz,s3://b/t.npz") == ModelSource(Format.OFFICIAL, ("s3://b/v.npz", "s3://b/t.npz"))
+    released = ("s3://b/v.npz", "s3://b/t.npz")
+    assert ModelSource.parse(",".join(released)) == ModelSource(Format.OFFICIAL, released)
     assert ModelSource.parse("s3://b/v.npz").directory == "s3://b"
     assert ModelSource.parse("runs/x/export") == ModelSource(Format.EXPORT, ("runs/x/export",))
     for bad in ("hf:", "a.npz,b.npz,c.npz", ""):
         with pytest.raises(ValueError):
             ModelSource.parse(bad)
     fetched = []
-    loaded, dino, patch = load_source(ModelSource.parse(f"hf:{tmp_path / 'hf'}"), fetch=lambda p: fetched.append(p) or p)
+    loaded, dino, patch = load_source(ModelSource.parse(f"hf:{tmp_path / 'hf'}"),
+                                      fetch=lambda p: fetched.append(p) or p)
     assert fetched == [str(tmp_path / "hf")] and dino is None and patch is None
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert same_weights(loaded, model)
     with pytest.raises(ValueError, match="hf:"):   # a Hugging Face directory given without its prefix
         load_source(ModelSource.parse(str(tmp_path / "hf")))
+
+
+def test_pipelines_take_hf_directories(tokenizer, tmp_path):
+    """`--set teacher=hf:DIR` / `student_init=hf:DIR` (pipelines.train) and `--checkpoint hf:DIR`
+    (pipelines.evaluate, which finds the tokenizer.model inside)."""
+    from pipelines.evaluate import EvaluateConfig, default_tokenizer_uri, load_model
+    from pipelines.train import load_teacher
+
+    model = tiny_model(FFN.MLP, tokenizer.vocab_size)
+    spec = f"hf:{export_hf(model, tokenizer, tmp_path / 'hf')}"
+    teacher, dino, patch = load_teacher(spec)
+    assert same_weights(teacher, model) and dino is None and patch is None
+    assert same_weights(load_model(EvaluateConfig(checkpoint=spec), str(tmp_path)), model)
+    assert default_tokenizer_uri(spec) == str(tmp_path / "hf" / "tokenizer.model")
 
 
 def test_importing_tipsv2_does_not_import_transformers():
