@@ -15,6 +15,7 @@ from pipelines.pretrain import split_local
 from pipelines.train import read_history, vision_flops
 from tipsv2.checkpoint import load_export
 from tipsv2.loop import batches, epoch_order, train_local
+from tipsv2.models.hf import load_hf
 from tipsv2.models.official import load_official
 from tipsv2.tokenizer import Tokenizer
 
@@ -84,7 +85,7 @@ def test_vision_flops_estimate_matches_torch_flop_counter():
 
 
 @pytest.mark.slow
-def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_both_formats(train_local_reference, train_cfg):
+def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_every_format(train_local_reference, train_cfg):
     output, history = train_local_reference
     cfg = train_cfg("data.batch_size=8", "engine.workers=1")
     source = data.prepare_source(cfg.data, output)
@@ -98,6 +99,8 @@ def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_both_formats(trai
                              vision_heads=3, text_heads=3, max_len=32)   # the tiny model: 3 heads of 32
     images = torch.rand(2, 3, 112, 112)
     torch.testing.assert_close(official.encode_image(images).patches, model.encode_image(images).patches)
+    hf = load_hf(f"{output}/export/hf")   # and as a transformers Tipsv2Model directory (tests/test_hf.py)
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in model.state_dict().items())
     assert dino is not None and patch is not None
     summary = json.loads(open(f"{output}/summary.json").read())
     assert summary["complete"] and summary["steps"] == 4 and summary["mlflow_run_id"]
