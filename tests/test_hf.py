@@ -113,8 +113,10 @@ def check_parity(ours: TIPSModel, theirs, tokenizer: Tokenizer) -> dict:
 def test_transformers_loads_our_export_and_matches(ffn, tokenizer, tmp_path):
     model = tiny_model(ffn, tokenizer.vocab_size)
     export_hf(model, tokenizer, tmp_path / "hf")
-    theirs = transformers.Tipsv2Model.from_pretrained(tmp_path / "hf").eval()
+    theirs, info = transformers.Tipsv2Model.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(info.values()), info   # no missing, unexpected or mismatched tensor on their side either
     assert theirs.config.vision_config.use_swiglu_ffn == (ffn == FFN.SWIGLU)
+    theirs.eval()
     check_parity(model, theirs, tokenizer)
 
 
@@ -139,6 +141,32 @@ def test_load_hf_reads_a_directory_transformers_wrote(swiglu, tokenizer, tmp_pat
     ours = load_hf(directory)
     assert ours.cfg.vision.ffn == (FFN.SWIGLU if swiglu else FFN.MLP) and ours.cfg.vision.image_size == NATIVE
     check_parity(ours.eval(), theirs, tokenizer)
+
+
+def test_sharded_checkpoint_and_either_vision_mlp_name(tokenizer, tmp_path):
+    """Shards listed in model.safetensors.index.json; the vision MLP as `mlp.fc1` (the released name) as
+    well as `mlp.c_fc` (what transformers writes)."""
+    theirs, _ = hub_model(tmp_path, swiglu=False)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    check_parity(load_hf(tmp_path / "sharded").eval(), theirs, tokenizer)
+    directory = tmp_path / "hub"
+    tensors = load_file(str(directory / "model.safetensors"))
+    def released(name: str) -> str:
+        return name.replace(".mlp.c_fc.", ".mlp.fc1.").replace(".mlp.c_proj.", ".mlp.fc2.")
+
+    renamed = {released(k) if k.startswith("vision_encoder.") else k: v for k, v in tensors.items()}
+    assert renamed.keys() != tensors.keys()
+    save_file(renamed, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    check_parity(load_hf(directory).eval(), theirs, tokenizer)
+
+
+def test_export_refuses_what_transformers_would_compute_differently(tokenizer, tmp_path):
+    model = TIPSModel(ModelConfig(vision=VisionConfig(width=64, depth=1, heads=2, mlp_dim=128, image_size=NATIVE,
+                                                      pos_interpolation="bicubic"),
+                                  text=TextConfig(width=64, depth=1, heads=2, mlp_dim=128, vocab_size=60, max_len=16)))
+    with pytest.raises(ValueError, match="pos_interpolation 'bicubic'.*expected 'bilinear'"):
+        export_hf(model, tokenizer, tmp_path / "hf")
 
 
 def test_published_checkpoint_without_temperature_takes_the_configs(tmp_path):

@@ -74,8 +74,11 @@ def export_hf(model: TIPSModel, tokenizer: Tokenizer, directory: str | Path) -> 
     save_file(hub_tensors(model, temperature), str(directory / WEIGHTS), metadata={"format": "pt"})
     write_json(directory / "config.json", hub_config(model.cfg, temperature))
     write_tokenizer(tokenizer, directory)
-    write_json(directory / "preprocessor_config.json", image_processor_config(model.cfg.vision.image_size))
-    write_json(directory / "processor_config.json", {"processor_class": "Tipsv2Processor"})
+    images = image_processor_config(model.cfg.vision.image_size)
+    # transformers 5 reads the image processor nested in processor_config.json (what it writes), older
+    # loaders and AutoImageProcessor's fallback read preprocessor_config.json: both hold the same settings.
+    write_json(directory / "processor_config.json", {"processor_class": "Tipsv2Processor", "image_processor": images})
+    write_json(directory / "preprocessor_config.json", images)
     return directory
 
 
@@ -98,6 +101,9 @@ def hub_vision_name(name: str) -> str:
 def hub_config(cfg: ModelConfig, temperature: float) -> dict[str, Any]:
     """config.json of a Tipsv2Model with our sizes."""
     vision, text = cfg.vision, cfg.text
+    if vision.pos_interpolation != "bilinear":
+        raise ValueError(f"vision pos_interpolation {vision.pos_interpolation!r}: transformers' Tipsv2 interpolates "
+                         "the position embedding bilinearly (antialiased); expected 'bilinear'")
     mlp_ratio = vision.mlp_dim / vision.width
     if int(vision.width * mlp_ratio) != vision.mlp_dim:  # transformers sizes the MLP as int(width * ratio)
         raise ValueError(f"vision mlp_dim {vision.mlp_dim} is not int(width {vision.width} x mlp_ratio)")
