@@ -108,6 +108,22 @@ def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_every_format(trai
 
 
 @pytest.mark.slow
+def test_local_distill_from_the_exports_hf_directory(train_local_reference, tmp_path):
+    """`--teacher hf:DIR` and `student_init=hf:DIR`: the export's transformers directory as teacher and init."""
+    from pipelines import distill
+    hf = f"hf:{train_local_reference[0]}/export/hf"
+    output = str(tmp_path / "distill_hf")
+    result = distill.main(["--config", "tiny", "--teacher", hf, "--local", "--output", output,
+                           "--set", f"student_init={hf}", "--set", "task.teacher_heads=random", "--set", "steps=2",
+                           "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
+                           "--set", "data.synthetic.test_size=2"])
+    assert result["complete"] and all(np.isfinite(r["loss/patch"]) for r in read_history(output))
+    student, hf_student = load_export(f"{output}/export")[0], load_hf(f"{output}/export/hf")
+    assert (hf_student.cfg.vision, hf_student.cfg.text) == (student.cfg.vision, student.cfg.text)
+    assert all(torch.equal(hf_student.state_dict()[k], v) for k, v in student.state_dict().items())
+
+
+@pytest.mark.slow
 def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
     from pipelines import distill
     output = str(tmp_path / "distill")
