@@ -261,7 +261,8 @@ def test_every_tensor_must_land(tokenizer, tmp_path):
     for change, message in [({"text_encoder.ln_final.bias": None}, r"missing \['ln_final.bias'\]"),
                             ({"vision_encoder.extra": torch.zeros(1)}, r"unexpected \['extra'\]"),
                             ({"vision_encoder.blocks.0.ls1.gamma": torch.zeros(3)}, r"wrong shape blocks.0.ls1.gamma"),
-                            ({"stray": torch.zeros(1)}, r"unexpected tensors \['stray'\]")]:
+                            ({"stray": torch.zeros(1)}, r"unexpected tensors \['stray'\]"),
+                            ({"vision_encoder.blocks.0.mlp.fc1.bias": torch.zeros(256)}, r"under two names")]:
         tensors = {k: v for k, v in (original | change).items() if v is not None}
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(ValueError, match=message):

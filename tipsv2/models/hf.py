@@ -206,11 +206,8 @@ def load_hf(directory: str | Path) -> TIPSModel:
     directory = Path(directory)
     config = read_config(directory)
     tensors = read_tensors(directory)
-    temperature = float(tensors.pop(TEMPERATURE).double()) if TEMPERATURE in tensors else \
-        float(config.get("temperature_init_value", DEFAULT_TEMPERATURE))
-    if not temperature > 0:
-        raise ValueError(f"{directory}: temperature must be > 0, got {temperature}")
-    vision = {our_vision_name(k[len(VISION_PREFIX):]): v for k, v in tensors.items() if k.startswith(VISION_PREFIX)}
+    temperature = read_temperature(tensors, config, directory)
+    vision = vision_tensors(tensors, directory)
     text = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
     stray = sorted(k for k in tensors if not k.startswith((VISION_PREFIX, TEXT_PREFIX)))
     if stray:
@@ -226,6 +223,29 @@ def load_hf(directory: str | Path) -> TIPSModel:
     with torch.no_grad():
         model.log_temperature.fill_(math.log(temperature))
     return model
+
+
+def read_temperature(tensors: dict[str, Tensor], config: dict[str, Any], directory: Path) -> float:
+    """The `temperature` tensor (removed from `tensors`), else the config's temperature_init_value."""
+    if TEMPERATURE in tensors:
+        temperature = float(tensors.pop(TEMPERATURE).double())
+    else:
+        temperature = float(config.get("temperature_init_value", DEFAULT_TEMPERATURE))
+    if not temperature > 0:
+        raise ValueError(f"{directory}: temperature must be > 0, got {temperature}")
+    return temperature
+
+
+def vision_tensors(tensors: dict[str, Tensor], directory: Path) -> dict[str, Tensor]:
+    """The vision tower's tensors under our names; one stored under both MLP names is refused."""
+    names: dict[str, list[str]] = {}
+    for key in tensors:
+        if key.startswith(VISION_PREFIX):
+            names.setdefault(our_vision_name(key[len(VISION_PREFIX):]), []).append(key)
+    twice = sorted(keys for keys in names.values() if len(keys) > 1)
+    if twice:
+        raise ValueError(f"cannot load {directory}: tensors stored under two names each: {twice}")
+    return {name: tensors[keys[0]] for name, keys in names.items()}
 
 
 def our_vision_name(name: str) -> str:
