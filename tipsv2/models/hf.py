@@ -6,17 +6,17 @@
 
 A Hub checkpoint (`model.safetensors`, or shards listed in `model.safetensors.index.json`) holds the
 released PyTorch names under a tower prefix: `vision_encoder.` + our vision names, `text_encoder.` + our
-text names, and optionally a scalar `temperature`. That is the layout Google publishes, what transformers'
-conversion mapping for `tipsv2` reads and what `Tipsv2Model.save_pretrained` writes (transformers splits
-qkv/in_proj into q/k/v at load time). The one rename: the vision MLP is `mlp.c_fc`/`mlp.c_proj` there and
-`mlp.fc1`/`mlp.fc2` here (both are read). Published checkpoints carry no `temperature` tensor; then the
-config's `temperature_init_value` is the temperature, as in transformers.
+text names, and optionally a scalar `temperature`. That is what transformers' conversion mapping for
+`tipsv2` expects of the Hub's files (it splits qkv/in_proj into q/k/v at load time) and what
+`Tipsv2Model.save_pretrained` writes. The one rename: the vision MLP is `mlp.c_fc`/`mlp.c_proj` there and
+`mlp.fc1`/`mlp.fc2` here (both are read). Published checkpoints carry no `temperature` tensor (so says
+transformers' Tipsv2Model); then the config's `temperature_init_value` is the temperature, as there.
 
 Nothing here imports `transformers`: the directory is plain JSON and safetensors (no pickle). The
 tokenizer: a unigram SentencePiece model (ours, tipsv2.tokenizer.train_tokenizer) is written as
 `tokenizer.json` (the `tokenizers` Unigram equivalent: lower-case, the model's normaliser, no BOS/EOS,
-pad id 0) for the generic `TokenizersBackend`; a BPE SentencePiece model (the released TIPS one) goes as
-`tokenizer.model` for `Tipsv2Tokenizer`, as Google ships it. `tokenizer.model` is always copied, so our
+pad id 0) for the generic `TokenizersBackend`; a BPE SentencePiece model goes as `tokenizer.model` for
+`Tipsv2Tokenizer`, which builds a BPE (with byte fallback) from it and is what the Hub's directories name. `tokenizer.model` is always copied, so our
 own pipelines find it too. The image processor resizes the short side to the model's `image_size`
 (bicubic), centre-crops a square, scales to [0, 1] and does not normalise, as tipsv2.eval.features does;
 transformers implements `Tipsv2ImageProcessor` on torchvision only, so `AutoProcessor` needs torchvision.
@@ -64,7 +64,8 @@ SPM_CONTROL, SPM_USER_DEFINED = 3, 4         # sentencepiece piece types that ar
 
 def export_hf(model: TIPSModel, tokenizer: Tokenizer, directory: str | Path) -> Path:
     """Write a directory that `transformers.Tipsv2Model.from_pretrained` and `AutoProcessor` load as is:
-    model.safetensors (float32), config.json, tokenizer files, preprocessor_config.json."""
+    model.safetensors (float32), config.json, tokenizer files, processor_config.json and
+    preprocessor_config.json (the image settings)."""
     directory = Path(directory)
     if tokenizer.max_len > model.cfg.text.max_len:
         raise ValueError(f"tokenizer max_len {tokenizer.max_len} exceeds the text tower's max_len "
