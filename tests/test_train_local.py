@@ -113,10 +113,11 @@ def test_local_distill_from_the_exports_hf_directory(train_local_reference, tmp_
     from pipelines import distill
     hf = f"hf:{train_local_reference[0]}/export/hf"
     output = str(tmp_path / "distill_hf")
-    result = distill.main(["--config", "tiny", "--teacher", hf, "--local", "--output", output,
-                           "--set", f"student_init={hf}", "--set", "task.teacher_heads=random", "--set", "steps=2",
-                           "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
-                           "--set", "data.synthetic.test_size=2"])
+    with pytest.warns(UserWarning, match="student initialised from pretrained weights"):
+        result = distill.main(["--config", "tiny", "--teacher", hf, "--local", "--output", output,
+                               "--set", f"student_init={hf}", "--set", "task.teacher_heads=random",
+                               "--set", "steps=2", "--set", "data.synthetic.train_size=16",
+                               "--set", "data.synthetic.val_size=2", "--set", "data.synthetic.test_size=2"])
     assert result["complete"] and all(np.isfinite(r["loss/patch"]) for r in read_history(output))
     student, hf_student = load_export(f"{output}/export")[0], load_hf(f"{output}/export/hf")
     assert (hf_student.cfg.vision, hf_student.cfg.text) == (student.cfg.vision, student.cfg.text)
