@@ -2,11 +2,15 @@
 
     python -m pipelines.distill --config tiny --teacher outputs/tiny/export --output outputs/tiny_distill
     python -m pipelines.distill --config tiny --set teacher=outputs/tiny/export --output DIR --local
+    python -m pipelines.distill --config vit_b14 --teacher hf:/data/tipsv2-b14 --set task.teacher_heads=random \
+        --output s3://b/runs/distill_b14_hub
     python -m pipelines.distill --config vit_b14 --teacher s3://b/tips/vision.npz,s3://b/tips/text.npz \
         --set task.teacher_heads=random --output s3://b/runs/distill_b14
 
-The teacher is an exported model directory (pipelines.pretrain's `<output>/export`, local or s3://) or the
-released `VISION.npz[,TEXT.npz]` checkpoints, which ship without heads (use task.teacher_heads=random).
+The teacher is an exported model directory (pipelines.pretrain's `<output>/export`, local or s3://),
+`hf:DIR`, a transformers Tipsv2Model directory (the export's `hf/`, or one downloaded from the Hub), or the
+released `VISION.npz[,TEXT.npz]` checkpoints; the last two ship without heads (use task.teacher_heads=random).
+`student_init` takes the same forms.
 `--teacher X` is the same as `--set teacher=X`. Same engine, outputs and resume rules as pipelines.pretrain.
 """
 

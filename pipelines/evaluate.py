@@ -5,8 +5,9 @@
         --tokenizer s3://b/tips/spm.model --suite ade20k --data s3://b/ADEChallengeData2016 \
         --option max_items=100 --output s3://b/evals/ade20k --run-id RUN_ID --tracking-uri http://mlflow:5000
 
-Checkpoint: an exported model directory (tipsv2.checkpoint.save_export: model.safetensors + config.json)
-or released checkpoints "VISION.npz[,TEXT.npz]" (tipsv2.models.load_official), local or s3://.
+Checkpoint: an exported model directory (tipsv2.checkpoint.save_export: model.safetensors + config.json),
+"hf:DIR", a transformers Tipsv2Model directory (tipsv2.models.load_hf: the export's `hf/` or one from the
+Hub), or released checkpoints "VISION.npz[,TEXT.npz]" (tipsv2.models.load_official), local or s3://.
 Tokenizer: `--tokenizer URI`, else `tokenizer.model` in the checkpoint directory (beside VISION.npz for
 released checkpoints) when there is one; suites that embed text fail without one, naming the flag.
 Suites and their data layouts: tipsv2.eval.suites (`tiny` renders its scenes in memory; `synthetic`
@@ -37,10 +38,10 @@ from torch import Tensor
 from pipelines import cli, storage
 from pipelines.tracking import MetricsSink, NullSink, default_uri, open_sink
 from tipsv2 import config_tree
-from tipsv2.checkpoint import load_export
+from tipsv2.checkpoint import ModelSource, load_source
 from tipsv2.configs import TrackingConfig
 from tipsv2.eval.suites import SUITES, DataLocation, run_suite
-from tipsv2.models import TIPSModel, load_official
+from tipsv2.models import TIPSModel
 from tipsv2.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -48,7 +49,7 @@ TOKENIZER_FILE = "tokenizer.model"
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    checkpoint: str = ""                 # exported model dir, or "VISION.npz[,TEXT.npz]" (local or s3://)
+    checkpoint: str = ""                 # exported model dir, "hf:DIR" or "VISION.npz[,TEXT.npz]" (local or s3://)
     suite: str = "tiny"                  # a name in tipsv2.eval.suites.SUITES
     data: str | None = None              # dataset root URI; None for suites that render their data
     tokenizer: str | None = None         # SentencePiece .model URI; None = tokenizer.model beside the checkpoint
@@ -76,10 +77,6 @@ PRESETS = {"default": default}
 # ---------------------------------------------------------------- inputs
 
 
-def is_official(checkpoint: str) -> bool:
-    return "," in checkpoint or checkpoint.lower().endswith(".npz")
-
-
 def localize(uri: str, scratch: str) -> str:
     """A local path holding `uri`'s content: local paths as they are, s3:// files and prefixes copied into
     `scratch` (a prefix keeps its relative layout)."""
@@ -103,27 +100,18 @@ def localize(uri: str, scratch: str) -> str:
 
 
 def load_model(cfg: EvaluateConfig, scratch: str) -> TIPSModel:
-    """An exported model directory or released "VISION.npz[,TEXT.npz]", local or s3://."""
-    checkpoint = cfg.checkpoint
-    if not checkpoint:
-        raise ValueError("no checkpoint given: pass --checkpoint DIR or --checkpoint VISION.npz[,TEXT.npz]")
-    if is_official(checkpoint):
-        parts = [p.strip() for p in checkpoint.split(",") if p.strip()]
-        if len(parts) > 2:
-            raise ValueError(f"--checkpoint {checkpoint!r}: expected VISION.npz[,TEXT.npz], got {len(parts)} files")
-        return load_official(*[localize(p, scratch) for p in parts], vision_heads=cfg.vision_heads,
-                             text_heads=cfg.text_heads, max_len=cfg.text_max_len or 64)
-    model, _, _ = load_export(localize(checkpoint, scratch))
+    """An exported model directory, "hf:DIR" or released "VISION.npz[,TEXT.npz]", local or s3://."""
+    if not cfg.checkpoint:
+        raise ValueError("no checkpoint given: pass --checkpoint DIR, hf:DIR or VISION.npz[,TEXT.npz]")
+    model, _, _ = load_source(ModelSource.parse(cfg.checkpoint), fetch=lambda uri: localize(uri, scratch),
+                              vision_heads=cfg.vision_heads, text_heads=cfg.text_heads,
+                              max_len=cfg.text_max_len or 64)
     return model
 
 
 def default_tokenizer_uri(checkpoint: str) -> str | None:
-    """`tokenizer.model` in the checkpoint directory (beside VISION.npz), if it exists."""
-    base = checkpoint
-    if is_official(checkpoint):
-        vision = checkpoint.split(",")[0].strip()
-        base = vision.rsplit("/", 1)[0] if "/" in vision else "."
-    uri = storage.join(base, TOKENIZER_FILE)
+    """`tokenizer.model` in the checkpoint's directory (beside VISION.npz; in an hf: directory), if it exists."""
+    uri = storage.join(ModelSource.parse(checkpoint).directory, TOKENIZER_FILE)
     return uri if storage.exists(uri) else None
 
 
@@ -278,7 +266,7 @@ def parse_args(argv: list[str] | None) -> tuple[EvaluateConfig, str]:
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable)")
     parser.add_argument("--output", required=True, help="output root: a local path or s3://bucket/prefix")
-    parser.add_argument("--checkpoint", help='exported model dir, or "VISION.npz[,TEXT.npz]"')
+    parser.add_argument("--checkpoint", help='exported model dir, "hf:DIR" or "VISION.npz[,TEXT.npz]"')
     parser.add_argument("--suite", help=f"one of {sorted(SUITES)}")
     parser.add_argument("--data", help="dataset root (local or s3://)")
     parser.add_argument("--tokenizer", help=f"SentencePiece model; default: {TOKENIZER_FILE} beside the checkpoint")

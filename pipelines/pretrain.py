@@ -9,8 +9,8 @@
 Joins the Ray cluster in RAY_ADDRESS when set, else starts a local one. Without `data.images` it trains on
 synthetic scenes written first under `<output>/data/synthetic`. Rerunning the same command resumes from
 the latest checkpoint under `<output>/ray/train`, or does nothing when the run finished. Writes
-`<output>/export/` (model.safetensors, config.json, heads, official_{vision,text}.npz), history.jsonl,
-heatmaps/, config.json and summary.json. See pipelines/train.py for the engine.
+`<output>/export/` (model.safetensors, config.json, heads, official_{vision,text}.npz, and hf/: the model
+as a transformers Tipsv2Model directory), history.jsonl, heatmaps/, config.json and summary.json. See pipelines/train.py for the engine.
 """
 
 from __future__ import annotations

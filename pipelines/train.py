@@ -52,7 +52,7 @@ from pipelines.resources import Stage, training_request
 from pipelines.tracking import MetricsSink, NullSink, open_sink
 from pipelines.tracking import flatten as tracking_flatten
 from tipsv2 import config_tree
-from tipsv2.checkpoint import load_export, save_export
+from tipsv2.checkpoint import ModelSource, load_source, save_export
 from tipsv2.configs import Config, Precision, model_config_of
 from tipsv2.distill import DistillTask
 from tipsv2.eval.features import patch_text_similarity
@@ -61,7 +61,8 @@ from tipsv2.loop import NonFiniteLoss, scalars
 from tipsv2.models.config import ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
 from tipsv2.models.model import TIPSModel, load_strict
-from tipsv2.models.official import export_official, load_official
+from tipsv2.models.hf import export_hf
+from tipsv2.models.official import export_official
 from tipsv2.optim import TowerDepths, learning_rate, param_groups
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
@@ -73,6 +74,7 @@ DS_TAG = "ds"
 HISTORY_FILE = "history.jsonl"
 STOP_FILE = "stopped.json"             # why the last run stopped early (a non-finite loss), for the driver
 EXPORT_DIR = "export"
+HF_DIR = "hf"                          # <output>/export/hf: the same model as a transformers Tipsv2Model directory
 HEATMAP_IMAGES = 3
 
 
@@ -124,13 +126,12 @@ class TrainerState:
 
 
 def load_teacher(spec: str | None) -> tuple[TIPSModel, DinoHead | None, DinoHead | None]:
-    """An exported model directory (local or s3://), or released `VISION.npz[,TEXT.npz]` checkpoints."""
+    """An exported model directory, "hf:DIR" (a transformers Tipsv2Model directory) or released
+    `VISION.npz[,TEXT.npz]` checkpoints, local or s3://."""
     if not spec:
-        raise ValueError("distillation needs a teacher: --set teacher=EXPORT_DIR or teacher=VISION.npz[,TEXT.npz]")
-    if spec.endswith(".npz") or ".npz," in spec:
-        paths = [local_copy(p) for p in spec.split(",")]
-        return load_official(paths[0], paths[1] if len(paths) > 1 else None), None, None
-    return load_export(local_copy(spec))
+        raise ValueError("distillation needs a teacher: --set teacher=EXPORT_DIR, teacher=hf:DIR or "
+                         "teacher=VISION.npz[,TEXT.npz]")
+    return load_source(ModelSource.parse(spec), fetch=local_copy)
 
 
 def local_copy(uri: str) -> str:
@@ -155,7 +156,7 @@ def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_s
     collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean, "reduce_sum": reduce_sum}.items()
                    if v is not None}
     if job == Job.PRETRAIN:
-        init = load_export(local_copy(cfg.init)) if cfg.init else None
+        init = load_source(ModelSource.parse(cfg.init), fetch=local_copy) if cfg.init else None
         torch.manual_seed(cfg.seed)
         task = TIPSv2Task(cfg.task, rank=rank, **collectives)
         if init is not None:
@@ -163,7 +164,7 @@ def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_s
         return task
     # Loaded before seeding, as tipsv2.distill_loop.distill_local does: the student's init is the same.
     teacher, dino_head, patch_head = load_teacher(cfg.teacher)
-    student = load_export(local_copy(cfg.student_init))[0] if cfg.student_init else None
+    student = load_source(ModelSource.parse(cfg.student_init), fetch=local_copy)[0] if cfg.student_init else None
     torch.manual_seed(cfg.seed)
     return DistillTask(cfg.task, teacher=teacher, teacher_dino_head=dino_head, teacher_patch_head=patch_head,
                        student=student, rank=rank, **collectives)
@@ -825,11 +826,13 @@ def train_worker(config: dict) -> None:
 def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead, *,
                  head_cfg: DinoHeadConfig, sink: MetricsSink, tokenizer: Tokenizer, source: data.Source,
                  image_size: int) -> str:
-    """<output>/export: model.safetensors + config.json + heads, the official .npz pair, heatmap PNGs."""
+    """<output>/export: model.safetensors + config.json + heads, the official .npz pair, the transformers
+    directory `hf/` (tipsv2.models.hf), heatmap PNGs."""
     with tempfile.TemporaryDirectory(prefix="tipsv2-export-") as tmp:
         root = Path(tmp) / EXPORT_DIR
         save_export(root, model=model, dino_head=dino_head, patch_head=patch_head, head_cfg=head_cfg)
         export_official(model, root / "official_vision.npz", root / "official_text.npz")
+        export_hf(model, tokenizer, root / HF_DIR)
         heatmaps = Path(tmp) / "heatmaps"
         heatmaps.mkdir()
         for index, record in enumerate(data.read_validation(source, HEATMAP_IMAGES)):
@@ -1021,7 +1024,7 @@ def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
     from tipsv2.loop import endless, fit, train_local
 
     if job == Job.PRETRAIN:
-        init = load_export(local_copy(cfg.init)) if cfg.init else None
+        init = load_source(ModelSource.parse(cfg.init), fetch=local_copy) if cfg.init else None
         return train_local(cfg, records=records, tokenizer=tokenizer, on_step=on_step, init=init).task
     task = build_task(job, cfg)
     vision = cfg.task.student.vision

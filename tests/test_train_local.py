@@ -16,6 +16,7 @@ from pipelines.train import read_history
 from tipsv2.checkpoint import load_export
 from tipsv2.flops import vision_flops
 from tipsv2.loop import batches, epoch_order, train_local
+from tipsv2.models.hf import load_hf
 from tipsv2.models.official import load_official
 from tipsv2.tokenizer import Tokenizer
 
@@ -85,7 +86,7 @@ def test_vision_flops_estimate_matches_torch_flop_counter():
 
 
 @pytest.mark.slow
-def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_both_formats(train_local_reference, train_cfg):
+def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_every_format(train_local_reference, train_cfg):
     output, history = train_local_reference
     cfg = train_cfg("data.batch_size=8", "engine.workers=1")
     source = data.prepare_source(cfg.data, output)
@@ -99,10 +100,29 @@ def test_local_pretrain_is_tipsv2_loop_train_local_and_exports_both_formats(trai
                              vision_heads=3, text_heads=3, max_len=32)   # the tiny model: 3 heads of 32
     images = torch.rand(2, 3, 112, 112)
     torch.testing.assert_close(official.encode_image(images).patches, model.encode_image(images).patches)
+    hf = load_hf(f"{output}/export/hf")   # and as a transformers Tipsv2Model directory (tests/test_hf.py)
+    assert all(torch.equal(hf.state_dict()[k], v) for k, v in model.state_dict().items())
     assert dino is not None and patch is not None
     summary = json.loads(open(f"{output}/summary.json").read())
     assert summary["complete"] and summary["steps"] == 4 and summary["mlflow_run_id"]
     assert (open(f"{output}/heatmaps/heatmap_0.png", "rb").read(8)) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_local_distill_from_the_exports_hf_directory(train_local_reference, tmp_path):
+    """`--teacher hf:DIR` and `student_init=hf:DIR`: the export's transformers directory as teacher and init."""
+    from pipelines import distill
+    hf = f"hf:{train_local_reference[0]}/export/hf"
+    output = str(tmp_path / "distill_hf")
+    with pytest.warns(UserWarning, match="student initialised from pretrained weights"):
+        result = distill.main(["--config", "tiny", "--teacher", hf, "--local", "--output", output,
+                               "--set", f"student_init={hf}", "--set", "task.teacher_heads=random",
+                               "--set", "steps=2", "--set", "data.synthetic.train_size=16",
+                               "--set", "data.synthetic.val_size=2", "--set", "data.synthetic.test_size=2"])
+    assert result["complete"] and all(np.isfinite(r["loss/patch"]) for r in read_history(output))
+    student, hf_student = load_export(f"{output}/export")[0], load_hf(f"{output}/export/hf")
+    assert (hf_student.cfg.vision, hf_student.cfg.text) == (student.cfg.vision, student.cfg.text)
+    assert all(torch.equal(hf_student.state_dict()[k], v) for k, v in student.state_dict().items())
 
 
 @pytest.mark.slow

@@ -88,8 +88,9 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    init: str | None = None              # exported model dir whose encoder and EMA heads start the run (the
-                                         # high-resolution stage starts from the low-resolution export)
+    init: str | None = None              # a model to start from: export dir (encoders and EMA heads), hf:DIR or
+                                         # VISION.npz[,TEXT.npz] (encoders); the high-resolution stage starts
+                                         # from the low-resolution export
     steps: int = 1000
     seed: int = 0
     log_every: int = 10                  # steps between metric logs
@@ -240,8 +241,8 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    teacher: str | None = None           # exported model dir, or "VISION.npz[,TEXT.npz]" released checkpoints
-    student_init: str | None = None      # None = random init (recommended); an exported model dir otherwise
+    teacher: str | None = None           # exported model dir, "hf:DIR" (transformers) or "VISION.npz[,TEXT.npz]"
+    student_init: str | None = None      # None = random init (recommended); otherwise a model as `teacher` names one
     steps: int = 1000
     seed: int = 0
     log_every: int = 10
