@@ -222,14 +222,15 @@ def run_job(job: tuple[int, tuple[Arm, ...], int, str]) -> list[dict[str, Any]]:
     return rows
 
 
-def jobs(seeds: Sequence[int], steps: int, tokenizer_path: str) -> list[tuple[int, tuple[Arm, ...], int, str]]:
+def jobs(seeds: Sequence[int], steps: int, tokenizer_path: str, arms: Sequence[Arm] = tuple(Arm)
+         ) -> list[tuple[int, tuple[Arm, ...], int, str]]:
+    """Per seed: ibot_pp then the student it teaches (one process), ibot, full_ema; the control on the
+    first CONTROL_SEEDS seeds. `arms` keeps a subset (a distilled arm brings its ibot_pp teacher)."""
     out = []
     for i, seed in enumerate(seeds):
-        out.append((seed, (Arm.IBOT_PP, Arm.DISTILLED), steps, tokenizer_path))
-        out.append((seed, (Arm.IBOT,), steps, tokenizer_path))
-        out.append((seed, (Arm.FULL_EMA,), steps, tokenizer_path))
-        if i < CONTROL_SEEDS:
-            out.append((seed, (Arm.SHUFFLED,), steps, tokenizer_path))
+        groups = [(Arm.IBOT_PP, Arm.DISTILLED) if Arm.DISTILLED in arms else (Arm.IBOT_PP,), (Arm.IBOT,),
+                  (Arm.FULL_EMA,)] + ([(Arm.SHUFFLED,)] if i < CONTROL_SEEDS else [])
+        out += [(seed, group, steps, tokenizer_path) for group in groups if any(a in arms for a in group)]
     return out
 
 
@@ -289,7 +290,9 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     reference = {k: any_run[k] for k in ("patch/chance", "patch/chance/uniform", "patch/oracle", "patch/chance_noise")}
     control = [by[k][PRIMARY] for k in by if k[0] == Arm.SHUFFLED.value]
     limit = reference["patch/chance"] + CONTROL_NOISE * reference["patch/chance_noise"]
-    negative = {"values": control, "limit": limit, "within_noise": bool(control) and max(control) <= limit}
+    nulls = [by[k]["patch/null/p95"] for k in by if k[0] == Arm.SHUFFLED.value and "patch/null/p95" in by[k]]
+    negative = {"values": control, "limit": limit, "within_noise": bool(control) and max(control) <= limit,
+                "null_p95": nulls}
     return {"arms": arms, "comparisons": comparisons, "reference": reference, "negative_control": negative}
 
 
@@ -323,6 +326,10 @@ def markdown(summary: dict[str, Any], *, header: str) -> str:
         lines += ["", f"Negative control (captions shuffled across images): patch accuracy "
                       f"{', '.join(f'{v:.3f}' for v in neg['values'])}; limit chance + {CONTROL_NOISE:g} noise = "
                       f"{neg['limit']:.3f}: {'within' if neg['within_noise'] else 'NOT within'} chance's noise."]
+        if neg["null_p95"]:
+            lines += ["", "95th percentile of each control run's permutation null (its own predictions, colour "
+                          "names assigned to its predicted groups at random): "
+                          + ", ".join(f"{v:.3f}" for v in neg["null_p95"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -368,8 +375,8 @@ def rebuild(mlflow_dir: Path, invocation: str | None = None) -> tuple[list[dict[
 # ---------------------------------------------------------------- entry point
 
 
-def run(*, steps: int, seeds: Sequence[int], mlflow_dir: Path, out: Path, parallel: bool | None = None
-        ) -> dict[str, Any]:
+def run(*, steps: int, seeds: Sequence[int], mlflow_dir: Path, out: Path, parallel: bool | None = None,
+        arms: Sequence[Arm] = tuple(Arm)) -> dict[str, Any]:
     wall = time.perf_counter()
     load_start = os.getloadavg()
     parallel = load_start[0] < 1.0 if parallel is None else parallel
@@ -381,7 +388,7 @@ def run(*, steps: int, seeds: Sequence[int], mlflow_dir: Path, out: Path, parall
         # One tokenizer for every arm (trained on the unshuffled texts: the control shuffles pairs, not words).
         fit_tokenizer(synthetic_records(cfg.data.synthetic), cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
                       max_len=cfg.task.model.text.max_len)
-        work = jobs(seeds, steps, str(Path(tmp) / "spm.model"))
+        work = jobs(seeds, steps, str(Path(tmp) / "spm.model"), arms)
         if parallel:
             os.environ["TIPSV2_BENCH_THREADS"] = "1"
             with multiprocessing.get_context("spawn").Pool(2) as pool:
@@ -420,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where learning.json and learning.md go")
     parser.add_argument("--serial", action="store_true", help="one process, whatever the load")
     parser.add_argument("--parallel", action="store_true", help="two processes, whatever the load")
+    parser.add_argument("--arms", nargs="+", choices=[a.value for a in Arm], default=[a.value for a in Arm],
+                        help="run these arms only (a distilled arm brings its ibot_pp teacher)")
     parser.add_argument("--rebuild", action="store_true", help="the table of the latest invocation, from MLflow")
     parser.add_argument("--invocation", help="with --rebuild: which invocation (default: the latest)")
     args = parser.parse_args(argv)
@@ -428,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         print(markdown(summarise(runs), header=f"invocation {invocation}: {len(runs)} runs, from MLflow"))
         return
     run(steps=args.steps, seeds=args.seeds, mlflow_dir=args.mlflow_dir, out=args.out,
-        parallel=False if args.serial else True if args.parallel else None)
+        parallel=False if args.serial else True if args.parallel else None, arms=[Arm(a) for a in args.arms])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tipsv2.eval.patch_text import (PatchTextConfig, auroc, chance, colour_oracle, patch_labels,
-                                    patch_text_alignment)
+                                    patch_text_alignment, permutation_null)
 
 
 def test_patch_labels_take_the_majority():
@@ -89,3 +89,13 @@ def test_colour_oracle_and_bad_input():
     with pytest.raises(ValueError, match="no items"):
         patch_text_alignment(encode_image, encode_text, ("red",), [])
     assert PatchTextConfig().dense
+
+
+def test_permutation_null_by_hand():
+    # Two classes, perfectly grouped: 3 patches of class 0 predicted 0, 1 of class 1 predicted 1.
+    null = permutation_null(np.array([[3, 0], [0, 1]]))
+    assert sorted(null.tolist()) == [0.0, 1.0]      # identity: all right; swapped: all wrong
+    # Three classes, 720 > 6 permutations: all of them; the mean is 1/3 for a balanced confusion.
+    null = permutation_null(np.diag([2, 2, 2]))
+    assert len(null) == 6 and null.mean() == pytest.approx(1 / 3)
+    assert len(permutation_null(np.eye(8, dtype=int), samples=100)) == 100

@@ -8,7 +8,9 @@ per class, and the best class is its prediction:
 
 - accuracy: fraction of foreground patches predicted right (chance is printed beside it);
 - auroc: per class, the area under the ROC curve of the patch-text cosine for telling that class's
-  patches from every other patch (background included), averaged over the classes present.
+  patches from every other patch (background included), averaged over the classes present;
+- null/mean, null/p95: the accuracy of the same predictions with the class names shuffled over the
+  predicted classes (`permutation_null`): what grouping patches by colour scores without naming them.
 
 Both read the features as they are: nothing is trained. `colour_oracle` says how well a rule that sees
 only one patch's pixels can do, so that a score can be read between chance and what a patch allows.
@@ -16,6 +18,8 @@ only one patch's pixels can do, so that a score can be read between chance and w
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +70,21 @@ def chance(labels: np.ndarray, num_classes: int) -> dict[str, float]:
     return {"uniform": 1.0 / num_classes, "majority": float(counts.max() / max(counts.sum(), 1))}
 
 
+def permutation_null(confusion: np.ndarray, *, samples: int = 5040, seed: int = 0) -> np.ndarray:
+    """Accuracies the same predictions would score if the class names were assigned to the predicted
+    classes at random: for each permutation p of the C classes, sum_k confusion[p(k), k] / total, where
+    confusion[t, k] counts patches of true class t predicted as k. Every permutation when C! <= `samples`,
+    else `samples` random ones. Features that group patches by class (as self-distillation makes them)
+    but name the groups arbitrarily score along this distribution, not along a binomial around chance."""
+    c, total = confusion.shape[0], confusion.sum()
+    if math.factorial(c) <= samples:
+        perms = np.array(list(itertools.permutations(range(c))))
+    else:
+        rng = np.random.default_rng(seed)
+        perms = np.stack([rng.permutation(c) for _ in range(samples)])
+    return confusion[perms, np.arange(c)].sum(axis=1) / max(total, 1)
+
+
 def patch_text_alignment(encode_image: ImageEncoder, encode_text: TextEncoder, class_names: Sequence[str],
                          items: Iterable[tuple[Image.Image, np.ndarray]],
                          cfg: PatchTextConfig = PatchTextConfig()) -> dict[str, float]:
@@ -88,7 +107,11 @@ def patch_text_alignment(encode_image: ImageEncoder, encode_text: TextEncoder, c
     per_class = [auroc(cosine[:, c], label == c + 1) for c in range(len(class_names))]
     present = [a for a in per_class if not np.isnan(a)]
     guess = chance(label[foreground].numpy() - 1, len(class_names))
+    c = len(class_names)
+    confusion = np.bincount((label[foreground].numpy() - 1) * c + (predicted.numpy() - 1), minlength=c * c)
+    null = permutation_null(confusion.reshape(c, c))
     return {"accuracy": float((predicted == label[foreground]).double().mean()),
+            "null/mean": float(null.mean()), "null/p95": float(np.quantile(null, 0.95)),
             "auroc": float(np.mean(present)),
             **{f"auroc/{name}": a for name, a in zip(class_names, per_class) if not np.isnan(a)},
             "chance": max(guess.values()), "chance/uniform": guess["uniform"], "chance/majority": guess["majority"],
