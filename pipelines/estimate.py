@@ -179,6 +179,10 @@ def gpu_throughput(cfg: Config, gpu: str, *, assume: Assumptions, profiles: Prof
         f"{cfg.engine.precision.value} / {flops / 1e9:.0f} GFLOP per image (tipsv2.flops)"))
 
 
+class MissingProfile(ValueError):
+    """A throughput estimate needs a measured profile that is not there (bench/results/ not shipped)."""
+
+
 def cpu_throughput(cfg: Config, *, assume: Assumptions, profiles: Profiles) -> Figure:
     """Training images/s of one CPU worker (`engine.cpus_per_worker` threads)."""
     threads = max(1.0, cfg.engine.cpus_per_worker)
@@ -189,7 +193,7 @@ def cpu_throughput(cfg: Config, *, assume: Assumptions, profiles: Profiles) -> F
             f"measured: bench/results/train.json (tiny, batch {row['batch']}, ZeRO-{row['zero_stage']}, "
             f"Ray Train + DeepSpeed, 1 thread) x {threads:g} threads"))
     if profiles.cpu_thread_flops is None:
-        raise ValueError("no CPU profile: run `python -m bench.model` (writes bench/results/model.json)")
+        raise MissingProfile("no CPU profile: run `python -m bench.model` (writes bench/results/model.json)")
     flops = flops_per_example(cfg)
     return Figure(value=profiles.cpu_thread_flops * threads * assume.cpu_mfu / flops, unit="images/s", source=(
         f"assumed CPU MFU {assume.cpu_mfu:.0%} (assume.cpu_mfu) x measured matmul peak "
@@ -263,13 +267,17 @@ def plan_metrics(cfg: Config, *, gpu: str | None, assume: Assumptions = Assumpti
     """(metrics, params) a training run logs at its start: its planned images/s and MFU per worker, step
     time and GPU memory (the run's own images_per_s, mfu, memory/gpu_peak_mb sit beside them)."""
     profiles = profiles or load_profiles()
-    speed = (gpu_throughput(cfg, gpu, assume=assume, profiles=profiles) if gpu
-             else cpu_throughput(cfg, assume=assume, profiles=profiles))
     memory = estimate_memory(cfg, assume=assume)
-    images = cfg.data.batch_size * cfg.engine.grad_accum
-    metrics = {"plan/images_per_s_per_worker": speed.value, "plan/step_s": images / speed.value,
-               "plan/model_state_gib": memory.model_state, "plan/activations_gib": memory.activations,
+    metrics = {"plan/model_state_gib": memory.model_state, "plan/activations_gib": memory.activations,
                "plan/gpu_memory_gib": memory.total}
+    try:
+        speed = (gpu_throughput(cfg, gpu, assume=assume, profiles=profiles) if gpu
+                 else cpu_throughput(cfg, assume=assume, profiles=profiles))
+    except MissingProfile as missing:   # a job whose working dir left bench/results/ behind still trains
+        return metrics, {"plan.images_per_s.source": f"unavailable: {missing}"[:500],
+                         "plan.memory.source": "tipsv2.memory", "plan.device": gpu or "cpu"}
+    images = cfg.data.batch_size * cfg.engine.grad_accum
+    metrics |= {"plan/images_per_s_per_worker": speed.value, "plan/step_s": images / speed.value}
     if gpu:
         metrics["plan/mfu"] = speed.value * flops_per_example(cfg) / gpu_peak_flops(gpu, cfg.engine.precision)
     params = {"plan.images_per_s.source": speed.source[:500],

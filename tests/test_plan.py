@@ -255,6 +255,19 @@ def test_a_training_start_logs_its_plan():
     assert math.isfinite(sink.metrics["plan/gpu_memory_gib"][0])
 
 
+def test_a_missing_profile_never_stops_a_training_start():
+    """A job whose working dir left bench/results/ behind (ray job submit --runtime-env excludes) trains:
+    its plan logs memory and says why images/s is missing."""
+    from pipelines.estimate import plan_metrics
+
+    bare = Profiles(gpu_steps=[], cpu_steps=[], cpu_thread_flops=None)
+    with pytest.raises(ValueError, match="no CPU profile"):
+        cpu_throughput(preset("tiny"), assume=Assumptions(), profiles=bare)
+    metrics, params = plan_metrics(preset("tiny"), gpu=None, profiles=bare)
+    assert "plan/gpu_memory_gib" in metrics and "plan/images_per_s_per_worker" not in metrics
+    assert params["plan.images_per_s.source"].startswith("unavailable: no CPU profile")
+
+
 def test_measured_gpu_profiles_come_before_the_assumed_mfu(tmp_path):
     # A gpu_step.json from an H200 and a gpu_train.json from an H100, as the GPU benches write them.
     (tmp_path / "gpu_step.json").write_text(json.dumps({"device": "NVIDIA H200", "rows": [
