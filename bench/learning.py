@@ -135,7 +135,7 @@ def shuffled(records: Sequence[Record], seed: int) -> list[Record]:
             for r, j in zip(records, order)]
 
 
-def test_scenes(cfg: PretrainConfig) -> list[synthetic.Scene]:
+def held_out_scenes(cfg: PretrainConfig) -> list[synthetic.Scene]:
     scenes = cfg.data.synthetic
     return [synthetic.make_scene(scenes, synthetic.Split.TEST, i) for i in range(scenes.test_size)]
 
@@ -145,7 +145,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, cfg: PretrainConfig, 
     """Primary metric, AUROC, chance, oracle and noise; with `probe`, the retrieval and linear-probe controls."""
     model.eval()
     scenes_cfg = cfg.data.synthetic
-    scenes = test_scenes(cfg)
+    scenes = held_out_scenes(cfg)
     items = [(s.image, s.mask) for s in scenes]
     encode_image, encode_text = model_image_encoder(model), model_text_encoder(model, tokenizer)
     names = synthetic.class_names(scenes_cfg)
