@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import enum
+from typing import Any
 from dataclasses import dataclass, field
 
 import pytest
@@ -71,3 +73,27 @@ def test_model_config_validation():
         model_config("vit_x")
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         model_config("tiny", image_size=100)
+
+
+def test_set_one_key_of_a_dict_field_keeps_the_others_and_reads_literals():
+    """`--set engine.engine_kwargs.gpu_memory_utilization=0.8` changes one key, as a float (issue #13 item 7)."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Engine:
+        engine_kwargs: dict[str, Any] = dataclasses.field(
+            default_factory=lambda: {"limit_mm_per_prompt": {"image": 1}, "enforce_eager": True})
+        weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"short": 1.0, "long": 1.0})
+
+    cfg = config_tree.override(Engine(), "engine_kwargs.gpu_memory_utilization=0.8")
+    assert cfg.engine_kwargs == {"limit_mm_per_prompt": {"image": 1}, "enforce_eager": True,
+                                 "gpu_memory_utilization": 0.8}
+    cfg = config_tree.override(cfg, "engine_kwargs.limit_mm_per_prompt.video=0")
+    assert cfg.engine_kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    cfg = config_tree.override(cfg, "engine_kwargs.enforce_eager=null")
+    assert "enforce_eager" not in cfg.engine_kwargs
+    cfg = config_tree.override(cfg, "engine_kwargs.model_impl=transformers")
+    assert cfg.engine_kwargs["model_impl"] == "transformers"
+    cfg = config_tree.override(cfg, "weights.short=0.5")
+    assert cfg.weights == {"short": 0.5, "long": 1.0}
+    whole = config_tree.override(Engine(), 'engine_kwargs={"max_model_len": 512}')
+    assert whole.engine_kwargs == {"max_model_len": 512}   # the whole dict, given as JSON, replaces it

@@ -17,6 +17,47 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class SetText(str):
+    """A value typed on the command line (`--set k=v`): where the field's type says nothing (`Any`, as in
+    a dict of engine keyword arguments), it is read as a JSON literal if it is one (0.8, true, null,
+    {"image": 1}), else kept as text. Values from JSON files keep the type they have there."""
+
+
+def _literal(value: SetText) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return str(value)
+
+
+def _nulls_as_none(update: dict) -> dict:
+    """`--set k.key=null` removes `key` from a dict field: typed `null` / `none` become None (nested too)."""
+    return {k: _nulls_as_none(v) if isinstance(v, dict)
+            else None if isinstance(v, SetText) and v.lower() in ("null", "none") else v for k, v in update.items()}
+
+
+def _literals(value: Any) -> Any:
+    """Command-line text read as JSON literals, inside dicts too; everything else as it is."""
+    if isinstance(value, SetText):
+        return _literal(value)
+    if isinstance(value, dict):
+        return {k: _literals(v) for k, v in value.items()}
+    return value
+
+
+def merge_dicts(current: dict, update: dict) -> dict:
+    """`current` with `update` applied key by key, nested dicts merged the same way; None removes a key."""
+    merged = dict(current)
+    for key, value in update.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -34,6 +75,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 def coerce(value: Any, tp: Any, *, key: str) -> Any:
     """Turn `value` (from JSON or a `--set` string) into type `tp`; ValueError naming `key` if it cannot."""
     tp, optional = _strip_optional(tp)
+    if tp is Any:
+        return _literals(value)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -128,6 +171,9 @@ def merge(cfg: T, data: dict[str, Any], *, prefix: str = "") -> T:
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = merge(current, value, prefix=prefix + key + ".")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # One key of a dict field (`--set engine.engine_kwargs.x=1`) changes that key, not the whole dict.
+            changes[key] = coerce(merge_dicts(current, _nulls_as_none(value)), types_[key], key=prefix + key)
         else:
             changes[key] = coerce(value, types_[key], key=prefix + key)
     return dataclasses.replace(cfg, **changes)
@@ -143,7 +189,7 @@ def override(cfg: T, assignment: str) -> T:
     parts = path.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    node[parts[-1]] = SetText(value)
     return merge(cfg, nested)
 
 
