@@ -365,3 +365,18 @@ def test_accelerator_reads_the_pin():
     assert accelerator({"CPU": 1}) is None
     with pytest.raises(ValueError, match="pins 2 accelerator types"):
         accelerator({L4: 0.001, H100: 0.001})
+
+
+def test_gpu_vllm_is_the_one_ray_llm_pins():
+    """`.[vllm]` and the RayJob install the vLLM that ray[llm] of our Ray pins (issue #13 item 6)."""
+    from importlib.metadata import requires
+
+    ray_pins = [Requirement(r) for r in requires("ray") or []]
+    tested = next(r for r in ray_pins if r.name == "vllm" and r.marker and r.marker.evaluate({"extra": "llm"}))
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    ours = next(Requirement(r) for r in pyproject["project"]["optional-dependencies"]["vllm"]
+                if Requirement(r).name == "vllm")
+    assert str(ours.specifier) == str(tested.specifier), (ours, tested)
+    rayjob = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
+    pips = json.dumps(rayjob)
+    assert f"vllm{tested.specifier}" in pips, "cluster/kuberay/rayjob.yaml installs another vLLM"
