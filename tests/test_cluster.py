@@ -380,3 +380,11 @@ def test_gpu_vllm_is_the_one_ray_llm_pins():
     rayjob = yaml.safe_load((ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text())
     pips = json.dumps(rayjob)
     assert f"vllm{tested.specifier}" in pips, "cluster/kuberay/rayjob.yaml installs another vLLM"
+
+
+def test_every_aws_worker_type_has_an_instance_profile():
+    """Ray configures an instance profile for the head only; workers need one to reach S3 (#13 item 1)."""
+    config = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    workers = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    assert workers and all("IamInstanceProfile" in t["node_config"] for t in workers.values()), \
+        [name for name, t in workers.items() if "IamInstanceProfile" not in t["node_config"]]
