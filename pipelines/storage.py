@@ -1,9 +1,12 @@
-"""One place that turns URIs into pyarrow filesystems: local paths and `s3://bucket/prefix`.
+"""One place that turns URIs into pyarrow filesystems: local paths, `s3://bucket/prefix`, `gs://bucket/prefix`.
 
 S3 endpoint, region and credentials come from the standard AWS environment variables
 (`AWS_ENDPOINT_URL` or `AWS_ENDPOINT_URL_S3`, `AWS_REGION` / `AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`). The scheme follows the endpoint (`http://` for a local
-S3 server such as moto). Credentials are never logged or put into error messages.
+S3 server such as moto). With no region and no endpoint set, the bucket's own region is looked up
+(pyarrow refuses a bucket outside the region it is given). Google Cloud Storage takes its credentials
+from the environment (a service account on GCE/GKE, or GOOGLE_APPLICATION_CREDENTIALS). Credentials
+are never logged or put into error messages.
 """
 
 from __future__ import annotations
@@ -18,16 +21,33 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
+GCS_SCHEME = "gs://"
+REMOTE_SCHEMES = (S3_SCHEME, GCS_SCHEME)
 
 
 def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
-def _s3_filesystem() -> pafs.S3FileSystem:
+def is_remote(uri: str) -> bool:
+    """An object-store URI (s3:// or gs://), as opposed to a local path."""
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+def s3_region(bucket: str, *, endpoint: str | None) -> str:
+    """AWS_REGION / AWS_DEFAULT_REGION; else us-east-1 for a custom endpoint; else the bucket's region."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region or endpoint:
+        return region or "us-east-1"
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot find the region of S3 bucket {bucket!r} ({err}); set AWS_REGION") from None
+
+
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs: dict[str, Any] = {"region": region}
+    kwargs: dict[str, Any] = {"region": s3_region(bucket, endpoint=endpoint)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -39,14 +59,17 @@ def _s3_filesystem() -> pafs.S3FileSystem:
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or an `s3://bucket/prefix` URI."""
-    if is_s3(uri):
-        path = uri[len(S3_SCHEME):].rstrip("/")
-        if not path or path.startswith("/"):
-            raise ValueError(f"S3 URI {uri!r} has no bucket; expected s3://bucket/prefix")
-        return _s3_filesystem(), path
+    """(filesystem, path inside it) for a local path, an `s3://bucket/prefix` or a `gs://bucket/prefix` URI."""
+    for scheme in REMOTE_SCHEMES:
+        if uri.startswith(scheme):
+            path = uri[len(scheme):].rstrip("/")
+            if not path or path.startswith("/"):
+                raise ValueError(f"URI {uri!r} has no bucket; expected {scheme}bucket/prefix")
+            bucket = path.split("/", 1)[0]
+            return (_s3_filesystem(bucket) if scheme == S3_SCHEME else pafs.GcsFileSystem()), path
     if "://" in uri:
-        raise ValueError(f"unsupported URI scheme in {uri!r}; expected a local path or s3://bucket/prefix")
+        raise ValueError(f"unsupported URI scheme in {uri!r}; expected a local path, s3://bucket/prefix or "
+                         f"gs://bucket/prefix")
     return pafs.LocalFileSystem(), absolute(uri)
 
 
@@ -56,14 +79,16 @@ def absolute(uri: str) -> str:
 
 
 def join(uri: str, *parts: str) -> str:
-    if is_s3(uri):
+    if is_remote(uri):
         return posixpath.join(uri.rstrip("/"), *parts)
     return os.path.join(uri, *parts)
 
 
 def to_uri(fs: pafs.FileSystem, path: str) -> str:
     """Inverse of `filesystem`: the URI of `path` on `fs`."""
-    return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
+    if isinstance(fs, pafs.S3FileSystem):
+        return S3_SCHEME + path
+    return GCS_SCHEME + path if isinstance(fs, pafs.GcsFileSystem) else path
 
 
 def exists(uri: str) -> bool:
