@@ -10,14 +10,21 @@
   `<output>/metrics_offline.jsonl`; they are sent when a later call succeeds. Tracking never crashes
   training.
 - Credentials never reach MLflow: params and tags whose key or value looks like a secret are redacted.
+- Every new run carries the context MLflow's fluent API would set (`run_context`): user, source (the
+  `python -m` module), source type and the git commit of the code (`git rev-parse`, or TIPSV2_GIT_COMMIT
+  where the working dir has no .git, as under `ray job submit`); with
+  MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true, MLflow's system metrics monitor samples CPU, memory and GPU.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +37,32 @@ SECRET_KEY = re.compile(r"(secret|password|passwd|credential|api[_-]?key|access[
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@)")
 REDACTED = "***"
 PARENT_ENV = "TIPSV2_PARENT_RUN_ID"
+COMMIT_ENV = "TIPSV2_GIT_COMMIT"
+SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def git_commit(directory: Path = REPOSITORY) -> str | None:
+    """The commit of the code that runs: TIPSV2_GIT_COMMIT, else `git rev-parse HEAD` in its repository
+    (None outside one, e.g. a Ray job's working dir, which ships without .git)."""
+    if env := os.environ.get(COMMIT_ENV):
+        return env
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+
+def run_context() -> dict[str, str]:
+    """The tags MLflow's fluent `start_run` sets, which the client API used here does not."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    source = spec.name if spec is not None else Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    tags = {"mlflow.user": getpass.getuser(), "mlflow.source.name": source, "mlflow.source.type": "LOCAL"}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 class MetricsSink(Protocol):
@@ -103,8 +136,18 @@ class MlflowSink:
             self._safely(lambda: self.client.update_run(run_id, status="RUNNING"), what="run status")
         else:
             experiment_id = self._experiment(experiment, offline_dir)
-            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+            tags = run_context() | ({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.monitor = self._system_metrics()
+
+    def _system_metrics(self):
+        """MLflow's CPU / memory / GPU sampler on this run, when MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING is true."""
+        if os.environ.get(SYSTEM_METRICS_ENV, "").lower() not in ("1", "true"):
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri)
+        return monitor if self._safely(monitor.start, what="system metrics") else None
 
     def _experiment(self, name: str, output_root: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -147,6 +190,8 @@ class MlflowSink:
         self._safely(lambda: [self.client.set_tag(self.run_id, k, v) for k, v in safe.items()], what="tags")
 
     def close(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self._safely(self.monitor.finish, what="system metrics")
         self._safely(self._flush, what="metrics")
         self._safely(lambda: self.client.set_terminated(self.run_id, status=status), what="run status")
 

@@ -79,3 +79,44 @@ def test_reattach_by_run_id(uri):
 def test_unknown_experiment_is_named(tmp_path, uri):
     with pytest.raises(ValueError, match="no MLflow experiment named 'nope'"):
         compare.run(experiment="nope", output=str(tmp_path / "c"), tracking_uri=uri)
+
+
+def test_runs_carry_commit_user_and_source(uri, monkeypatch):
+    """The context MLflow's fluent API sets: git commit (from the repository, or TIPSV2_GIT_COMMIT where
+    a Ray job ships no .git), user and source (issue #14 item 4)."""
+    import getpass
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import REPOSITORY
+
+    sink = MlflowSink(uri=uri, experiment="context", run_name="c")
+    sink.close()
+    tags = MlflowClient(tracking_uri=uri).get_run(sink.run_id).data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head and len(head) == 40
+    assert tags["mlflow.user"] == getpass.getuser() and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"]
+    monkeypatch.setenv("TIPSV2_GIT_COMMIT", "0123abcd")
+    sink = MlflowSink(uri=uri, experiment="context", run_name="d")
+    sink.close()
+    assert MlflowClient(tracking_uri=uri).get_run(sink.run_id).data.tags["mlflow.source.git.commit"] == "0123abcd"
+
+
+def test_system_metrics_when_asked(uri, monkeypatch):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    sink = MlflowSink(uri=uri, experiment="context", run_name="system")
+    assert sink.monitor is not None
+    time.sleep(1.5)
+    sink.close()
+    metrics = MlflowClient(tracking_uri=uri).get_run(sink.run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    quiet = MlflowSink(uri=uri, experiment="context", run_name="quiet")
+    quiet.close()
+    assert quiet.monitor is None
