@@ -389,10 +389,7 @@ def _previous_summary(cfg: IngestConfig, output: str) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg, output = cli.parse_stage_args(argv, PRESETS, description=__doc__)
-    summary = run(cfg, output)
-    print(json.dumps(summary, indent=2))
-    return summary
+    return cli.stage_main(argv, PRESETS, run, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -227,16 +227,17 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "config"}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg, output = cli.parse_stage_args(argv, PRESETS, description=__doc__)
-    summary = run(cfg, output)
+def print_where(summary: dict[str, Any], output: str) -> None:
     print(f"\n[run_all] finished in {summary['wall_s']:.0f} s; outputs under {output}:")
     for step, where in summary["where"].items():
         print(f"  {step:10s} {where}")
     print(f"  MLflow     {summary['tracking_uri']} (parent run {summary['mlflow_parent_run_id']})")
     if "report" in summary["steps"]:
         print(f"  report     {summary['steps']['report']['report']}")
-    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, show=print_where)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ A watchdog fails the job loudly when no output arrives for `watchdog.progress_ti
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
@@ -149,8 +148,5 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg, output = cli.parse_stage_args(argv, PRESETS, description=__doc__)
-    summary = run(cfg, output)
-    print(json.dumps(summary, indent=2))
-    return summary
+    return cli.stage_main(argv, PRESETS, run, description=__doc__)
 
