@@ -77,33 +77,11 @@ PRESETS = {"default": default}
 # ---------------------------------------------------------------- inputs
 
 
-def localize(uri: str, scratch: str) -> str:
-    """A local path holding `uri`'s content: local paths as they are, s3:// files and prefixes copied into
-    `scratch` (a prefix keeps its relative layout)."""
-    if not storage.is_s3(uri):
-        if not os.path.exists(uri):
-            raise ValueError(f"{uri!r} does not exist")
-        return uri
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    target = os.path.join(scratch, name)
-    if not storage.is_dir(uri):
-        if not storage.exists(uri):
-            raise ValueError(f"{uri!r} does not exist")
-        Path(target).write_bytes(storage.read_bytes(uri))
-        return target
-    prefix = uri.rstrip("/") + "/"
-    for file_uri in storage.list_files(uri):
-        local = Path(target, file_uri[len(prefix):])
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(storage.read_bytes(file_uri))
-    return target
-
-
 def load_model(cfg: EvaluateConfig, scratch: str) -> TIPSModel:
     """An exported model directory, "hf:DIR" or released "VISION.npz[,TEXT.npz]", local or s3://."""
     if not cfg.checkpoint:
         raise ValueError("no checkpoint given: pass --checkpoint DIR, hf:DIR or VISION.npz[,TEXT.npz]")
-    model, _, _ = load_source(ModelSource.parse(cfg.checkpoint), fetch=lambda uri: localize(uri, scratch),
+    model, _, _ = load_source(ModelSource.parse(cfg.checkpoint), fetch=lambda uri: storage.local_copy(uri, scratch),
                               vision_heads=cfg.vision_heads, text_heads=cfg.text_heads,
                               max_len=cfg.text_max_len or 64)
     return model
@@ -130,7 +108,7 @@ def load_tokenizer(cfg: EvaluateConfig, model: TIPSModel, scratch: str) -> Token
     uri = cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)
     if uri is None:
         return MissingTokenizer(cfg.checkpoint)
-    return Tokenizer(localize(uri, scratch), max_len=cfg.text_max_len or model.cfg.text.max_len)
+    return Tokenizer(storage.local_copy(uri, scratch), max_len=cfg.text_max_len or model.cfg.text.max_len)
 
 
 def suite_options(options: dict[str, str]) -> dict[str, Any]:
