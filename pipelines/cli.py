@@ -5,7 +5,9 @@
 
 NAME is a preset of the stage; FILE is a JSON file merged over the stage's `default` preset. Each
 `--set` goes through `tipsv2.config_tree.override`, so an unknown key fails with the valid ones.
-Stages write the resolved config (`config.json`) and a `summary.json` next to their outputs.
+A stage may add flags of its own (`StageFlags`, e.g. pipelines.evaluate's `--checkpoint`); each stage's
+`main` is `stage_main(argv, PRESETS, run, ...)`: parse into a config, call the importable `run(cfg, output)`,
+show the summary. Stages write the resolved config (`config.json`) and a `summary.json` next to their outputs.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import argparse
 import json
 import os
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from pipelines import storage
 from tipsv2 import config_tree
 
 Cfg = TypeVar("Cfg")
+Summary = TypeVar("Summary")
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -29,7 +32,7 @@ def resolve_config(name_or_file: str, presets: dict[str, Callable[[], Cfg]], set
     """Preset by name, or a JSON file merged over the `default` preset; then the `--set` overrides."""
     if name_or_file in presets:
         cfg = presets[name_or_file]()
-    elif name_or_file.endswith(".json") or os.path.sep in name_or_file or storage.is_s3(name_or_file):
+    elif name_or_file.endswith(".json") or os.path.sep in name_or_file or storage.is_remote(name_or_file):
         if "default" not in presets:
             raise ValueError(f"a config file needs a 'default' preset to merge over; presets: {sorted(presets)}")
         cfg = config_tree.merge(presets["default"](), json.loads(storage.read_bytes(name_or_file)))
@@ -40,9 +43,18 @@ def resolve_config(name_or_file: str, presets: dict[str, Callable[[], Cfg]], set
     return cfg
 
 
+class StageFlags(Protocol):
+    """Flags a stage takes beside the shared ones, and how they change its resolved config."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def apply(self, cfg: Any, args: argparse.Namespace) -> Any:
+        """The config with the flags applied (after `--config` and `--set`); ValueError: a usage error."""
+
+
 def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]],
-                     *, description: str | None = None) -> tuple[Cfg, str]:
-    """Parse the shared stage flags; returns (resolved config, output URI)."""
+                     *, description: str | None = None, flags: StageFlags | None = None) -> tuple[Cfg, str]:
+    """Parse the shared stage flags (and the stage's own `flags`); returns (resolved config, output URI)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="default", help=f"preset {sorted(presets)} or a JSON file")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
@@ -50,9 +62,13 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
     parser.add_argument("--output", help="output root: a local path or s3://bucket/prefix")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every key, as JSON) and exit")
+    if flags is not None:
+        flags.add_to(parser)
     args = parser.parse_args(argv)
     try:
         cfg = resolve_config(args.config, presets, args.sets)
+        if flags is not None:
+            cfg = flags.apply(cfg, args)
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:
@@ -61,6 +77,22 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
     if not args.output:
         parser.error("the following arguments are required: --output")
     return cfg, storage.absolute(args.output)
+
+
+def print_json(summary: Any, output: str) -> None:
+    print(json.dumps(summary, indent=2))
+
+
+def stage_main(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]], run: Callable[[Cfg, str], Summary],
+               *, description: str | None = None, flags: StageFlags | None = None,
+               show: Callable[[Summary, str], None] | None = print_json) -> Summary:
+    """Every stage's `main`: parse the command line into a config, `run(cfg, output)`, show the summary
+    (`show(summary, output)`; JSON by default, None: nothing) and return it."""
+    cfg, output = parse_stage_args(argv, presets, description=description, flags=flags)
+    summary = run(cfg, output)
+    if show is not None:
+        show(summary, output)
+    return summary
 
 
 def write_resolved_config(output_uri: str, cfg: Any) -> None:

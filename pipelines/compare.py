@@ -99,7 +99,7 @@ def run(*, experiment: str, output: str, run_ids: list[str] | None = None,
     metrics = list(metrics or [m for m in DEFAULT_METRICS if any(m in r.final for r in rows)])
     params = differing_params(rows, param_prefixes)
     lines = table(rows, params, metrics)
-    local = Path(output) if not storage.is_s3(output) else Path(os.environ.get("TMPDIR", "/tmp")) / "tipsv2-compare"
+    local = Path(output) if not storage.is_remote(output) else Path(os.environ.get("TMPDIR", "/tmp")) / "tipsv2-compare"
     local.mkdir(parents=True, exist_ok=True)
     (local / "comparison.md").write_text(markdown(lines))
     (local / "comparison.json").write_text(json.dumps({"params": params, "metrics": metrics, "rows": lines}, indent=2))
@@ -111,7 +111,7 @@ def run(*, experiment: str, output: str, run_ids: list[str] | None = None,
     (local / "comparison.csv").write_text(buffer.getvalue())
     plots = [m for m in metrics if plot(client, rows, m, local / f"{m.replace('/', '_')}.png")]
     files = sorted(p.name for p in local.iterdir() if p.suffix in (".md", ".csv", ".json", ".png"))
-    if storage.is_s3(output):
+    if storage.is_remote(output):
         for name in files:
             storage.write_bytes(storage.join(output, name), (local / name).read_bytes())
     found = client.get_experiment_by_name(experiment)

@@ -45,8 +45,8 @@ def split_teacher(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv, local = split_local(split_teacher(list(sys.argv[1:] if argv is None else argv)))
-    cfg, output = cli.parse_stage_args(argv, STAGE_PRESETS, description=__doc__)
-    return run(Job.DISTILL, cfg, output, local=local)
+    return cli.stage_main(argv, STAGE_PRESETS, lambda cfg, output: run(Job.DISTILL, cfg, output, local=local),
+                          description=__doc__, show=None)
 
 
 if __name__ == "__main__":

@@ -77,33 +77,11 @@ PRESETS = {"default": default}
 # ---------------------------------------------------------------- inputs
 
 
-def localize(uri: str, scratch: str) -> str:
-    """A local path holding `uri`'s content: local paths as they are, s3:// files and prefixes copied into
-    `scratch` (a prefix keeps its relative layout)."""
-    if not storage.is_s3(uri):
-        if not os.path.exists(uri):
-            raise ValueError(f"{uri!r} does not exist")
-        return uri
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    target = os.path.join(scratch, name)
-    if not storage.is_dir(uri):
-        if not storage.exists(uri):
-            raise ValueError(f"{uri!r} does not exist")
-        Path(target).write_bytes(storage.read_bytes(uri))
-        return target
-    prefix = uri.rstrip("/") + "/"
-    for file_uri in storage.list_files(uri):
-        local = Path(target, file_uri[len(prefix):])
-        local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(storage.read_bytes(file_uri))
-    return target
-
-
 def load_model(cfg: EvaluateConfig, scratch: str) -> TIPSModel:
     """An exported model directory, "hf:DIR" or released "VISION.npz[,TEXT.npz]", local or s3://."""
     if not cfg.checkpoint:
         raise ValueError("no checkpoint given: pass --checkpoint DIR, hf:DIR or VISION.npz[,TEXT.npz]")
-    model, _, _ = load_source(ModelSource.parse(cfg.checkpoint), fetch=lambda uri: localize(uri, scratch),
+    model, _, _ = load_source(ModelSource.parse(cfg.checkpoint), fetch=lambda uri: storage.local_copy(uri, scratch),
                               vision_heads=cfg.vision_heads, text_heads=cfg.text_heads,
                               max_len=cfg.text_max_len or 64)
     return model
@@ -130,7 +108,7 @@ def load_tokenizer(cfg: EvaluateConfig, model: TIPSModel, scratch: str) -> Token
     uri = cfg.tokenizer or default_tokenizer_uri(cfg.checkpoint)
     if uri is None:
         return MissingTokenizer(cfg.checkpoint)
-    return Tokenizer(localize(uri, scratch), max_len=cfg.text_max_len or model.cfg.text.max_len)
+    return Tokenizer(storage.local_copy(uri, scratch), max_len=cfg.text_max_len or model.cfg.text.max_len)
 
 
 def suite_options(options: dict[str, str]) -> dict[str, Any]:
@@ -175,7 +153,7 @@ def open_tracking(cfg: EvaluateConfig, output: str) -> MetricsSink:
     """The run the metrics go to; fails before any work when `run_id` cannot be reached."""
     if not tracking_configured(cfg):
         return NullSink()
-    local_root = None if storage.is_s3(output) else output
+    local_root = None if storage.is_remote(output) else output
     tracking = dataclasses.replace(cfg.tracking, uri=cfg.tracking.uri or default_uri(local_root),
                                    run_name=cfg.tracking.run_name or f"eval-{cfg.suite}")
     if cfg.run_id is not None:
@@ -260,48 +238,48 @@ FLAGS = {"checkpoint": "checkpoint", "suite": "suite", "data": "data", "tokenize
          "text_heads": "text_heads", "text_max_len": "text_max_len"}
 
 
-def parse_args(argv: list[str] | None) -> tuple[EvaluateConfig, str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="default", help=f"preset {sorted(PRESETS)} or a JSON file")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override one config value (repeatable)")
-    parser.add_argument("--output", required=True, help="output root: a local path or s3://bucket/prefix")
-    parser.add_argument("--checkpoint", help='exported model dir, "hf:DIR" or "VISION.npz[,TEXT.npz]"')
-    parser.add_argument("--suite", help=f"one of {sorted(SUITES)}")
-    parser.add_argument("--data", help="dataset root (local or s3://)")
-    parser.add_argument("--tokenizer", help=f"SentencePiece model; default: {TOKENIZER_FILE} beside the checkpoint")
-    parser.add_argument("--run-id", dest="run_id", help="MLflow run to log the metrics into")
-    parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
-    parser.add_argument("--experiment", help="MLflow experiment of a new run")
-    parser.add_argument("--vision-heads", dest="vision_heads", help="released checkpoints: vision attention heads")
-    parser.add_argument("--text-heads", dest="text_heads", help="released checkpoints: text attention heads")
-    parser.add_argument("--text-max-len", dest="text_max_len", help="tokens per text (default: the model's)")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--step", help="MLflow step of the metrics")
-    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=JSON",
-                        help="keyword argument of the suite, e.g. max_items=100 (repeatable)")
-    args = parser.parse_args(argv)
-    sets = list(args.sets) + [f"{path}={getattr(args, flag)}" for flag, path in FLAGS.items()
-                              if getattr(args, flag) is not None]
-    try:
-        cfg = cli.resolve_config(args.config, PRESETS, sets)
+class Flags:
+    """evaluate's own flags (`--checkpoint`, `--suite`, ...): each is a `--set` of its config key, applied after
+    the shared `--config` / `--set`; `--option KEY=JSON` adds a suite keyword argument."""
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", help='exported model dir, "hf:DIR" or "VISION.npz[,TEXT.npz]"')
+        parser.add_argument("--suite", help=f"one of {sorted(SUITES)}")
+        parser.add_argument("--data", help="dataset root (local or s3://)")
+        parser.add_argument("--tokenizer", help=f"SentencePiece model; default: {TOKENIZER_FILE} beside the checkpoint")
+        parser.add_argument("--run-id", dest="run_id", help="MLflow run to log the metrics into")
+        parser.add_argument("--tracking-uri", dest="tracking_uri", help="MLflow tracking URI")
+        parser.add_argument("--experiment", help="MLflow experiment of a new run")
+        parser.add_argument("--vision-heads", dest="vision_heads", help="released checkpoints: vision attention heads")
+        parser.add_argument("--text-heads", dest="text_heads", help="released checkpoints: text attention heads")
+        parser.add_argument("--text-max-len", dest="text_max_len", help="tokens per text (default: the model's)")
+        parser.add_argument("--device", help="torch device, e.g. cpu or cuda")
+        parser.add_argument("--step", help="MLflow step of the metrics")
+        parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=JSON",
+                            help="keyword argument of the suite, e.g. max_items=100 (repeatable)")
+
+    def apply(self, cfg: EvaluateConfig, args: argparse.Namespace) -> EvaluateConfig:
+        for flag, path in FLAGS.items():
+            if getattr(args, flag) is not None:
+                cfg = config_tree.override(cfg, f"{path}={getattr(args, flag)}")
         for option in args.options:
             if "=" not in option:
                 raise ValueError(f"--option expects KEY=VALUE, got {option!r}")
             key, value = option.split("=", 1)
             cfg = dataclasses.replace(cfg, options={**cfg.options, key.strip(): value})
-    except ValueError as err:
-        parser.error(str(err))
-    return cfg, args.output
+        return cfg
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg, output = parse_args(argv)
-    summary = run(cfg, output)
+def print_metrics(summary: dict[str, Any], output: str) -> None:
     width = max(len(k) for k in summary["metrics"])
     for key, value in summary["metrics"].items():
         print(f"{key.ljust(width)}  {value:.4f}")
     print(f"wrote {summary['wrote']['results']} ({summary['wall_s']:.1f} s)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.stage_main(argv, PRESETS, run, description=__doc__.split("\n")[0], flags=Flags(),
+                          show=print_metrics)
 
 
 if __name__ == "__main__":

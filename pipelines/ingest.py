@@ -178,7 +178,7 @@ def list_manifest(source: str) -> list[dict[str, Any]]:
     alt = table.column("alt_text").to_pylist() if "alt_text" in table.column_names else [None] * table.num_rows
     items = []
     for rel, text in zip(table.column("path").to_pylist(), alt):
-        uri = rel if storage.is_s3(rel) or rel.startswith("/") else storage.join(base, rel)
+        uri = rel if storage.is_remote(rel) or rel.startswith("/") else storage.join(base, rel)
         items.append({"source": uri, "sidecar": "", "alt_text": text, "tar": False})
     return items
 
@@ -389,10 +389,7 @@ def _previous_summary(cfg: IngestConfig, output: str) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg, output = cli.parse_stage_args(argv, PRESETS, description=__doc__)
-    summary = run(cfg, output)
-    print(json.dumps(summary, indent=2))
-    return summary
+    return cli.stage_main(argv, PRESETS, run, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def split_local(argv: list[str]) -> tuple[list[str], bool]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv, local = split_local(list(sys.argv[1:] if argv is None else argv))
-    cfg, output = cli.parse_stage_args(argv, STAGE_PRESETS, description=__doc__)
-    return run(Job.PRETRAIN, cfg, output, local=local)
+    return cli.stage_main(argv, STAGE_PRESETS, lambda cfg, output: run(Job.PRETRAIN, cfg, output, local=local),
+                          description=__doc__, show=None)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipelines import cli, compare, storage
+from pipelines.tracking import default_uri
+from tipsv2 import config_tree
+from tipsv2.checkpoint import load_export
 from tipsv2.data import synthetic
+from tipsv2.data.synthetic import SyntheticConfig
 from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder, patch_text_similarity
 from tipsv2.eval.zero_shot import PROMPT_TEMPLATES, SegMode, ZeroShotSegmentationConfig, predict_segmentation
 from tipsv2.models.model import TIPSModel
+from tipsv2.tokenizer import Tokenizer
 
+REPORT_METRICS = ("zero_shot_segmentation/miou", "retrieval/cls2/i2t_r1", "retrieval/cls2/t2i_r1",
+                  "zero_shot_classification/cls1/top1", "linear_segmentation/miou", "linear_depth/rmse", "knn/cls1/top1")
 PALETTE = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
 
@@ -127,8 +136,45 @@ def metrics_table(results: dict[str, dict[str, float]], keys: Sequence[str]) -> 
                             for name, r in results.items())
 
 
+def build_report(output: str) -> dict[str, Any]:
+    """`<output>/report/`: report.md and its figures, from a finished pipelines.run_all output root."""
+    from mlflow.tracking import MlflowClient   # heavy; only the report needs it
+
+    out = Path(output) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {s: storage.read_json(str(Path(output) / s / cli.SUMMARY_FILE)) for s in ("pretrain", "distill")}
+    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output))
+    histories = {}
+    for name, s in summary.items():
+        run_id = s["mlflow_run_id"]
+        histories[name] = {m: [(x.step, x.value) for x in sorted(client.get_metric_history(run_id, m), key=lambda x: x.step)]
+                           for m in ("loss/total", "loss/contrastive", "loss/dino", "loss/patch")}
+    images = {"Loss curves (pretrain = teacher, distill = student)": loss_curves(histories, out / "loss_curves.png").name}
+    resolved = storage.read_json(str(Path(output) / cli.CONFIG_FILE))
+    meta = storage.read_json(str(Path(output) / "tokenizer" / "step.json"))["result"]
+    tokenizer = Tokenizer(meta["tokenizer"], max_len=resolved["pretrain"]["task"]["model"]["text"]["max_len"])
+    models = {"teacher": load_export(Path(output) / "pretrain" / "export")[0].eval(),
+              "student": load_export(Path(output) / "distill" / "export")[0].eval()}
+    scenes = [s for _, s in zip(range(4), synthetic.read_split(str(Path(output) / "source" / "synthetic"), "val"))]
+    names = synthetic.class_names(config_tree.from_dict(SyntheticConfig, resolved["source"]["synthetic"]))
+    images["Zero-shot segmentation (value attention, 9 templates)"] = segmentation_overlays(
+        models, tokenizer, scenes, names, out / "zero_shot_segmentation.png").name
+    images["Patch-text similarity for each scene's short caption"] = heatmaps(
+        models, tokenizer, scenes, out / "patch_text_heatmaps.png").name
+    evaluation = {name: storage.read_json(str(Path(output) / "evaluate" / name / "summary.json"))["metrics"]
+                  for name in models}
+    keys = [k for k in REPORT_METRICS if any(k in r for r in evaluation.values())]
+    cmp = compare.run(experiment=resolved["tracking"]["experiment"], output=str(out / "comparison"),
+                      run_ids=[s["mlflow_run_id"] for s in summary.values()], param_prefixes=["steps", "task.patch.kind",
+                                                                                          "task.teacher.mode", "teacher"],
+                      tracking_uri=client.tracking_uri)
+    tables = {"Evaluation (synthetic scenes, held-out split)": metrics_table(evaluation, keys),
+              "MLflow comparison of the runs": compare.markdown(cmp["table"])}
+    path = write_report(out, images=images, tables=tables)
+    return {"report": str(path), "files": sorted(p.name for p in out.iterdir())}
+
+
 def main(argv: list[str] | None = None) -> None:
-    from pipelines.run_all import build_report
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="the run_all output root")
     args = parser.parse_args(argv)

@@ -19,14 +19,12 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from pipelines import caption, cli, ingest, storage
+from pipelines import caption, cli, ingest, report, storage
 from pipelines.tracking import PARENT_ENV, MlflowSink, default_uri
 from tipsv2 import config_tree
 from tipsv2.configs import DistillConfig, PretrainConfig, TrackingConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig
 
-REPORT_METRICS = ("zero_shot_segmentation/miou", "retrieval/cls2/i2t_r1", "retrieval/cls2/t2i_r1",
-                  "zero_shot_classification/cls1/top1", "linear_segmentation/miou", "linear_depth/rmse", "knn/cls1/top1")
 STEPS = ("source", "ingest", "caption", "tokenizer", "pretrain", "distill", "evaluate", "report")
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "horse", "cat", "camera", "moon")
 
@@ -214,7 +212,7 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
                             lambda out: evaluate_step(cfg, out, models=models, tokenizer=tok["tokenizer"],
                                                       data=eval_data), own_run=False)
     if "://" not in output:
-        chain.step("report", {"models": models}, lambda out: build_report(output), own_run=False)
+        chain.step("report", {"models": models}, lambda out: report.build_report(output), own_run=False)
     chain.parent.log_metrics({f"{m}/{k}": v for m, r in evaluation.items() for k, v in r.items()}, step=0)
     chain.parent.close()
     summary = {"steps": {k: v for k, v in chain.results.items()}, "mlflow_parent_run_id": chain.parent.run_id,
@@ -229,60 +227,17 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k != "config"}
 
 
-def build_report(output: str) -> dict[str, Any]:
-    from pathlib import Path
-
-    from mlflow.tracking import MlflowClient
-
-    from pipelines import compare, report
-    from tipsv2.checkpoint import load_export
-    from tipsv2.data import synthetic
-    from tipsv2.tokenizer import Tokenizer
-
-    out = Path(output) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {s: storage.read_json(str(Path(output) / s / cli.SUMMARY_FILE)) for s in ("pretrain", "distill")}
-    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output))
-    histories = {}
-    for name, s in summary.items():
-        run_id = s["mlflow_run_id"]
-        histories[name] = {m: [(x.step, x.value) for x in sorted(client.get_metric_history(run_id, m), key=lambda x: x.step)]
-                           for m in ("loss/total", "loss/contrastive", "loss/dino", "loss/patch")}
-    images = {"Loss curves (pretrain = teacher, distill = student)": report.loss_curves(histories, out / "loss_curves.png").name}
-    resolved = storage.read_json(str(Path(output) / cli.CONFIG_FILE))
-    meta = storage.read_json(str(Path(output) / "tokenizer" / "step.json"))["result"]
-    tokenizer = Tokenizer(meta["tokenizer"], max_len=resolved["pretrain"]["task"]["model"]["text"]["max_len"])
-    models = {"teacher": load_export(Path(output) / "pretrain" / "export")[0].eval(),
-              "student": load_export(Path(output) / "distill" / "export")[0].eval()}
-    scenes = [s for _, s in zip(range(4), synthetic.read_split(str(Path(output) / "source" / "synthetic"), "val"))]
-    names = synthetic.class_names(config_tree.from_dict(SyntheticConfig, resolved["source"]["synthetic"]))
-    images["Zero-shot segmentation (value attention, 9 templates)"] = report.segmentation_overlays(
-        models, tokenizer, scenes, names, out / "zero_shot_segmentation.png").name
-    images["Patch-text similarity for each scene's short caption"] = report.heatmaps(
-        models, tokenizer, scenes, out / "patch_text_heatmaps.png").name
-    evaluation = {name: storage.read_json(str(Path(output) / "evaluate" / name / "summary.json"))["metrics"]
-                  for name in models}
-    keys = [k for k in REPORT_METRICS if any(k in r for r in evaluation.values())]
-    cmp = compare.run(experiment=resolved["tracking"]["experiment"], output=str(out / "comparison"),
-                      run_ids=[s["mlflow_run_id"] for s in summary.values()], param_prefixes=["steps", "task.patch.kind",
-                                                                                          "task.teacher.mode", "teacher"],
-                      tracking_uri=client.tracking_uri)
-    tables = {"Evaluation (synthetic scenes, held-out split)": report.metrics_table(evaluation, keys),
-              "MLflow comparison of the runs": compare.markdown(cmp["table"])}
-    path = report.write_report(out, images=images, tables=tables)
-    return {"report": str(path), "files": sorted(p.name for p in out.iterdir())}
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg, output = cli.parse_stage_args(argv, PRESETS, description=__doc__)
-    summary = run(cfg, output)
+def print_where(summary: dict[str, Any], output: str) -> None:
     print(f"\n[run_all] finished in {summary['wall_s']:.0f} s; outputs under {output}:")
     for step, where in summary["where"].items():
         print(f"  {step:10s} {where}")
     print(f"  MLflow     {summary['tracking_uri']} (parent run {summary['mlflow_parent_run_id']})")
     if "report" in summary["steps"]:
         print(f"  report     {summary['steps']['report']['report']}")
-    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, show=print_where)
 
 
 if __name__ == "__main__":

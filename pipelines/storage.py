@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -160,3 +162,24 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif kind == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def local_copy(uri: str, scratch: str | None = None) -> str:
+    """A local path holding `uri`'s content: a local path as it is; an s3:// object or prefix copied into
+    `scratch` (a new temporary directory when None), a prefix keeping its relative layout."""
+    if not is_remote(uri):
+        if not os.path.exists(uri):
+            raise ValueError(f"{uri!r} does not exist")
+        return uri
+    target = Path(scratch or tempfile.mkdtemp(prefix="tipsv2-fetch-"), uri.rstrip("/").rsplit("/", 1)[-1])
+    if not is_dir(uri):
+        if not exists(uri):
+            raise ValueError(f"{uri!r} does not exist")
+        target.write_bytes(read_bytes(uri))
+        return str(target)
+    prefix = uri.rstrip("/") + "/"
+    for file_uri in list_files(uri):
+        local = target / file_uri[len(prefix):]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(read_bytes(file_uri))
+    return str(target)

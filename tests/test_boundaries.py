@@ -1,4 +1,4 @@
-"""The library stays pure: nothing under tipsv2/ imports Ray, DeepSpeed, MLflow, boto3 or vLLM."""
+"""Boundaries: nothing under tipsv2/ imports Ray, DeepSpeed, MLflow, boto3 or vLLM; no import circle in pipelines/."""
 
 from __future__ import annotations
 
@@ -35,3 +35,43 @@ def test_no_forbidden_modules_loaded_at_runtime():
             f"print(sorted(set(k.split('.')[0] for k in sys.modules) & {FORBIDDEN!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def pipeline_imports() -> dict[str, set[str]]:
+    """Module -> the pipelines modules it imports anywhere in its body (an import inside a function counts:
+    it dodges a circle at import time but keeps it). `from pkg import sub` names the submodule `pkg.sub`."""
+    def name(path: pathlib.Path) -> str:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {name(p): p for p in (ROOT / "pipelines").rglob("*.py") if p.name != "__main__.py"}
+    graph = {}
+    for module, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names}
+        graph[module] = {d for d in deps if d in modules and d != module}
+    return graph
+
+
+def test_pipelines_imports_have_no_circle():
+    # Imports run one way: stage -> shared pipeline modules -> tipsv2 (CONVENTIONS.md).
+    graph = pipeline_imports()
+    assert "pipelines.storage" in graph["pipelines.caption.stage"]   # the graph sees package submodules
+
+    def circle(start: str, module: str, path: tuple[str, ...], seen: set[str]) -> tuple[str, ...] | None:
+        for dep in sorted(graph[module]):
+            if dep == start:
+                return (*path, dep)
+            if dep not in seen:
+                seen.add(dep)
+                if found := circle(start, dep, (*path, dep), seen):
+                    return found
+        return None
+
+    circles = [found for m in sorted(graph) if (found := circle(m, m, (m,), set()))]
+    assert not circles, f"import circles in pipelines/: {circles}"

@@ -237,7 +237,7 @@ def test_cli_json_file_is_merged_over_the_default_preset(tmp_path):
 
 
 def test_vllm_on_cpu_refuses_seeded_sampling_that_crashes_vllm_cpu():
-    from pipelines.captioners import vllm_processor_config
+    from pipelines.caption.backends import vllm_processor_config
 
     cfg = config_tree.override(config_tree.override(caption.tiny(), "engine.model_source=/m"),
                                "sampling.temperature=0.7")

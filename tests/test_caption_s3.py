@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import pathlib
 
 import boto3
 import pyarrow.parquet as pq
+import pytest
 
 from pipelines import caption, ingest, storage
 from pipelines.testing import sample_images
@@ -40,6 +42,20 @@ def test_storage_helpers_on_s3(s3_endpoint):
     assert storage.exists(storage.join(root, "a", "x.json")) and not storage.exists(storage.join(root, "nope"))
     storage.delete(storage.join(root, "a"))
     assert [k for k in _keys(client, "storage-test/") if not k.endswith("/")] == ["storage-test/b.bin"]
+
+
+def test_local_copy_of_an_object_a_prefix_and_a_local_path(s3_endpoint, tmp_path):
+    root = f"s3://{BUCKET}/local-copy-test"
+    storage.write_bytes(storage.join(root, "dir", "a.bin"), b"a")
+    storage.write_bytes(storage.join(root, "dir", "sub", "b.bin"), b"b")
+    one = storage.local_copy(storage.join(root, "dir", "a.bin"), str(tmp_path))
+    assert one == str(tmp_path / "a.bin") and (tmp_path / "a.bin").read_bytes() == b"a"
+    tree = pathlib.Path(storage.local_copy(storage.join(root, "dir")))   # no scratch: a new temporary directory
+    assert tree.name == "dir" and (tree / "a.bin").read_bytes() == b"a" and (tree / "sub" / "b.bin").read_bytes() == b"b"
+    assert storage.local_copy(str(tmp_path)) == str(tmp_path)            # local paths as they are
+    for missing in (storage.join(root, "nope.bin"), str(tmp_path / "nope")):
+        with pytest.raises(ValueError, match="does not exist"):
+            storage.local_copy(missing, str(tmp_path))
 
 
 def test_ingest_and_caption_read_and_write_s3(ray_local, s3_endpoint):

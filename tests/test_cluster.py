@@ -345,7 +345,7 @@ def test_cpu_training_asks_only_for_its_cpus():
 
 def test_production_caption_replicas_ask_for_the_caption_request():
     from pipelines.caption import default
-    from pipelines.captioners import placement
+    from pipelines.caption.backends import placement
 
     cfg = default()
     bundle = placement(cfg)["bundle_per_worker"]

