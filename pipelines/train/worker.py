@@ -30,7 +30,7 @@ from pipelines.train.zero import (Zero, all_gather_cat, all_reduce_mean, all_red
                                   manual_clipping, master_state)
 from tipsv2.configs import Precision, model_config_of
 from tipsv2.flops import flops_per_example, peak_flops
-from tipsv2.loop import scalars
+from tipsv2.loop import NonFiniteLoss, scalars
 from tipsv2.optim import TowerDepths, learning_rate, param_groups
 from tipsv2.tokenizer import Tokenizer
 
@@ -196,8 +196,9 @@ class Worker:
         storage.write_bytes(marker, b"")
         os._exit(1)
 
-    def step(self, step: int, stream: data.RankStream) -> dict[str, float] | str:
-        """One optimiser step over grad_accum micro-batches; the metrics row, or a non-finite message."""
+    def step(self, step: int, stream: data.RankStream) -> dict[str, float]:
+        """One optimiser step over grad_accum micro-batches: the metrics row. A loss term that is not finite on
+        any rank raises NonFiniteLoss on every rank, before the step is applied."""
         cfg = self.cfg
         lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
         set_learning_rates(self.optimizer, lr, self.scales)
@@ -214,9 +215,9 @@ class Worker:
             bad = self.nonfinite_terms(losses)
             if bad:
                 values = {k: float(losses[k].detach().float()) for k in bad}
-                return (f"non-finite loss at step {step} in {bad} (this rank: {values}); the step was not applied "
-                        f"and the last checkpoint is the last good state (lower optim.lr, raise "
-                        f"optim.warmup_steps, or check the input batch)")
+                raise NonFiniteLoss(f"non-finite loss at step {step} in {bad} (this rank: {values}); the step was "
+                                    f"not applied and the last checkpoint is the last good state (lower optim.lr, "
+                                    f"raise optim.warmup_steps, or check the input batch)")
             self.engine.backward(losses["loss/total"])
             if last:
                 held.append(live_tensor_mb(self.task.parameters()))
@@ -255,11 +256,13 @@ class Worker:
         try:
             for step in range(self.state.step, self.cfg.steps):
                 self.maybe_fail(step)
-                row = self.step(step, stream)
-                if isinstance(row, str):
+                try:
+                    row = self.step(step, stream)
+                except NonFiniteLoss as error:   # every rank stops here; the driver raises it again from STOP_FILE
+                    message = str(error)
                     if self.rank == 0:
-                        storage.write_json(storage.join(self.plan.output, STOP_FILE), {"step": step, "error": row})
-                    return {"nonfinite": row}
+                        storage.write_json(storage.join(self.plan.output, STOP_FILE), {"step": step, "error": message})
+                    return {"nonfinite": message}
                 self.state.history.append(row)
                 self.state.step = step + 1
                 if bar is not None:
