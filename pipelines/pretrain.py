@@ -10,7 +10,7 @@ Joins the Ray cluster in RAY_ADDRESS when set, else starts a local one. Without 
 synthetic scenes written first under `<output>/data/synthetic`. Rerunning the same command resumes from
 the latest checkpoint under `<output>/ray/train`, or does nothing when the run finished. Writes
 `<output>/export/` (model.safetensors, config.json, heads, official_{vision,text}.npz, and hf/: the model
-as a transformers Tipsv2Model directory), history.jsonl, heatmaps/, config.json and summary.json. See pipelines/train.py for the engine.
+as a transformers Tipsv2Model directory), history.jsonl, heatmaps/, config.json and summary.json. See pipelines/train/ for the engine.
 """
 
 from __future__ import annotations

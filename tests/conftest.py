@@ -54,7 +54,7 @@ def tiny_paligemma(tmp_path_factory) -> str:
     return build_tiny_paligemma(tmp_path_factory.mktemp("tiny_paligemma") / "model")
 
 
-# ---------------------------------------------------------------- training (pipelines/train.py)
+# ---------------------------------------------------------------- training (pipelines/train/)
 
 # The tiny preset shrunk for tests: 32 synthetic scenes, 4 rows per worker x 2 workers, 4 steps.
 TRAIN_TEST_SETS = ("steps=4", "log_every=1", "data.batch_size=4", "data.synthetic.train_size=32",

@@ -75,3 +75,29 @@ def test_pipelines_imports_have_no_circle():
 
     circles = [found for m in sorted(graph) if (found := circle(m, m, (m,), set()))]
     assert not circles, f"import circles in pipelines/: {circles}"
+
+
+# pipelines/train/: imports run one way, down this list (a module imports only those below it), and none
+# inside a function (deepspeed, ray, safetensors and the like excepted: heavy, loaded only where used).
+TRAIN_LAYERS = ["driver", "local", "worker", "checkpoint", "export", "jobs", "zero", "perf"]
+
+
+def train_imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
+    """(sibling modules imported at the top, sibling modules imported inside a function)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    inner = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)}
+    top, nested = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipelines.train."):
+            (nested if id(node) in inner else top).add(node.module.split(".")[2])
+    return top, nested
+
+
+def test_the_trainer_imports_run_one_way():
+    modules = {p.stem for p in (ROOT / "pipelines" / "train").glob("*.py")} - {"__init__"}
+    assert modules == set(TRAIN_LAYERS), f"a new module of pipelines/train/ wants a place in TRAIN_LAYERS: {modules}"
+    for rank, name in enumerate(TRAIN_LAYERS):
+        top, nested = train_imports(ROOT / "pipelines" / "train" / f"{name}.py")
+        upward = {m for m in top if TRAIN_LAYERS.index(m) <= rank}
+        assert not upward, f"pipelines/train/{name}.py imports {sorted(upward)}, which sit above it in {TRAIN_LAYERS}"
+        assert not nested, f"pipelines/train/{name}.py imports {sorted(nested)} inside a function"

@@ -1,7 +1,7 @@
 """Training FLOPs per image and the peak FLOP/s they are measured against: the arithmetic behind MFU.
 
 Pure arithmetic on configs (torch only for the device query), so the GPU step bench (`bench/gpu_step.py`,
-which runs where Ray, DeepSpeed and MLflow are not installed), the trainer (`pipelines/train.py`) and the
+which runs where Ray, DeepSpeed and MLflow are not installed), the trainer (`pipelines/train/`) and the
 planner (`pipelines/plan.py`) share one count:
 
     from tipsv2.flops import flops_per_example
