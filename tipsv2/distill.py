@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from tipsv2.data.batch import Batch
 from tipsv2.losses.contrastive import ContrastiveKind, ContrastiveLossConfig, dual_contrastive, identity
-from tipsv2.losses.dino import (Centering, DinoLossConfig, center_norm, dino_loss, teacher_entropy, teacher_probs,
-                                teacher_temperature, update_center)
+from tipsv2.losses.dino import (DinoLossConfig, center_norm, dino_loss, follow_center, teacher_entropy, teacher_probs,
+                                teacher_temperature)
 from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind, patch_loss
 from tipsv2.models.config import ModelConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
@@ -130,12 +130,8 @@ class DistillTask(nn.Module):
                        "metric/teacher_entropy": teacher_entropy(dino_probs),
                        "metric/teacher_patch_entropy": teacher_entropy(patch_probs),
                        "metric/center_norm": center_norm(self.dino_center)}
-            if cfg.dino.centering == Centering.CENTER:
-                self.dino_center.copy_(update_center(self.dino_center, dino_logits, cfg.dino.center_momentum,
-                                                     self.reduce_mean))
-            if cfg.patch.centering == Centering.CENTER:
-                self.patch_center.copy_(update_center(self.patch_center, patch_logits, cfg.patch.center_momentum,
-                                                      self.reduce_mean))
+            follow_center(self.dino_center, dino_logits, cfg.dino, self.reduce_mean)
+            follow_center(self.patch_center, patch_logits, cfg.patch, self.reduce_mean)
         return losses
 
     def update_teacher(self, **_: object) -> float:

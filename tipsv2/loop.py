@@ -21,9 +21,9 @@ from tipsv2.configs import DataConfig, PretrainConfig
 from tipsv2.data.batch import Batch, collate, make_example
 from tipsv2.data.schema import Granularity
 from tipsv2.data.synthetic import SyntheticConfig, make_scene
-from tipsv2.optim import OptimConfig, TowerDepths, build_optimizer, learning_rate, param_groups, set_learning_rate
 from tipsv2.models.heads import DinoHead
 from tipsv2.models.model import TIPSModel
+from tipsv2.optim import OptimConfig, TowerDepths, build_optimizer, learning_rate, param_groups, set_learning_rate
 from tipsv2.task import TIPSv2Task
 from tipsv2.tokenizer import Tokenizer, train_tokenizer
 

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from tipsv2.data.batch import Batch
 from tipsv2.losses.contrastive import ContrastiveKind, ContrastiveLossConfig, dual_contrastive, identity
-from tipsv2.losses.dino import (Centering, ClsToken, DinoLossConfig, center_norm, dino_loss, teacher_entropy,
-                                teacher_probs, teacher_temperature, update_center)
+from tipsv2.losses.dino import (ClsToken, DinoLossConfig, center_norm, dino_loss, follow_center, teacher_entropy,
+                                teacher_probs, teacher_temperature)
 from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind, patch_loss
 from tipsv2.losses.koleo import KoLeoConfig, koleo_loss
 from tipsv2.models.config import ModelConfig
@@ -242,12 +242,8 @@ class TIPSv2Task(nn.Module):
 
     @torch.no_grad()
     def update_centers(self, teacher: TeacherOut) -> None:
-        if self.cfg.dino.centering == Centering.CENTER:
-            self.dino_center.copy_(update_center(self.dino_center, teacher.dino_logits,
-                                                 self.cfg.dino.center_momentum, self.reduce_mean))
-        if self.cfg.patch.centering == Centering.CENTER:
-            self.patch_center.copy_(update_center(self.patch_center, teacher.patch_logits,
-                                                  self.cfg.patch.center_momentum, self.reduce_mean))
+        follow_center(self.dino_center, teacher.dino_logits, self.cfg.dino, self.reduce_mean)
+        follow_center(self.patch_center, teacher.patch_logits, self.cfg.patch, self.reduce_mean)
 
     def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
         student = self.student_output(batch=batch)

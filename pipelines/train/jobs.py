@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines import data, storage
+from pipelines import data
+from pipelines.storage import local_copy
 from tipsv2.checkpoint import ModelSource, load_source
 from tipsv2.configs import Config
 from tipsv2.distill import DistillTask
@@ -67,12 +68,6 @@ def load_teacher(spec: str | None) -> tuple[TIPSModel, DinoHead | None, DinoHead
         raise ValueError("distillation needs a teacher: --set teacher=EXPORT_DIR, teacher=hf:DIR or "
                          "teacher=VISION.npz[,TEXT.npz]")
     return load_source(ModelSource.parse(spec), fetch=local_copy)
-
-
-def local_copy(uri: str) -> str:
-    """A local path holding `uri` (a file or a directory); s3:// and gs:// objects are downloaded to a
-    temp dir (storage.local_copy: the one copy every stage uses)."""
-    return storage.local_copy(uri)
 
 
 def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_sum=None,

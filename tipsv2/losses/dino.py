@@ -65,6 +65,12 @@ class DinoLossConfig:
             raise ValueError(f"dino local_crops must be >= 1, got {self.local_crops}")
 
 
+class CenteringChoice(Protocol):
+    """Any loss config with a centering choice (DinoLossConfig, PatchLossConfig)."""
+    centering: Centering
+    center_momentum: float
+
+
 class TeacherTempSchedule(Protocol):
     """Any config with the teacher temperature fields (DinoLossConfig, PatchLossConfig)."""
     teacher_temp: float
@@ -127,6 +133,15 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float,
     """
     batch_mean = reduce_mean(at_least_fp32(teacher_logits).reshape(-1, teacher_logits.shape[-1]).mean(dim=0))  # (K,)
     return center * momentum + batch_mean * (1.0 - momentum)
+
+
+@torch.no_grad()
+def follow_center(center: Tensor, teacher_logits: Tensor, cfg: CenteringChoice,
+                  reduce_mean: Reduce = identity) -> None:
+    """Move `center` in place by `update_center` when `cfg.centering` is CENTER; Sinkhorn-Knopp targets
+    use no center, so it stays as it is."""
+    if cfg.centering == Centering.CENTER:
+        center.copy_(update_center(center, teacher_logits, cfg.center_momentum, reduce_mean))
 
 
 def dino_loss(student_logits: Sequence[Tensor] | Tensor, teacher_probs: Tensor, student_temp: float) -> Tensor:
