@@ -85,3 +85,28 @@ def test_initialise_from_an_export(tmp_path):
     for head in (task.dino_head, task.teacher_dino_head):
         for a, b in zip(head.parameters(), source.teacher_dino_head.parameters()):
             assert torch.equal(a, b)
+
+
+def test_synthetic_suite_runs_on_colour_scenes():
+    """Classification labels follow the scenes' label: on Label.COLOUR scenes the main object's colour
+    (the suite asked for its shape, which is not a class name there, and failed)."""
+    from dataclasses import replace as dc_replace
+
+    from tipsv2.eval import probes, suites
+    from tipsv2.models import build_model
+
+    scenes = dc_replace(learning().data.synthetic, train_size=8, test_size=4)
+    scene = synthetic.scene_record(scenes, "test", 0)
+    largest = max(scene.objects, key=lambda o: (o["visible_pixels"], -o["layer"]))
+    assert synthetic.main_category(scene, synthetic.Label.COLOUR) == largest["colour"]
+    assert synthetic.main_category(scene) == largest["category"]
+    cfg = suites.SyntheticSuiteConfig(scenes=scenes, train_count=8, test_count=4,
+                                      segmentation_probe=probes.LinearSegmentationConfig(epochs=1),
+                                      knn=probes.KnnConfig(k=3))
+    model = build_model("tiny").eval()
+
+    def tokenize(texts):
+        return torch.ones(len(texts), 4, dtype=torch.long), torch.zeros(len(texts), 4)
+
+    metrics = suites.synthetic_suite(model, tokenize, None, cfg=cfg)
+    assert 0.0 <= metrics["zero_shot_classification/cls1/top1"] <= 1.0

@@ -562,8 +562,10 @@ def scene_record(cfg: SyntheticConfig, split: Split | str, index: int) -> SceneR
                        objects=tuple(o.to_json() for o in scene.objects))
 
 
-def main_category(record: SceneRecord | Scene) -> str:
-    """Category of the largest visible object: the zero-shot classification label of a scene."""
+def main_category(record: SceneRecord | Scene, label: Label = Label.SHAPE) -> str:
+    """The largest visible object's class (its shape, or its colour under Label.COLOUR): the zero-shot
+    classification label of a scene, one of `class_names(cfg)`."""
     objects = [o if isinstance(o, dict) else o.to_json() for o in record.objects]
-    return sorted(objects, key=lambda o: (-o["visible_pixels"], o["layer"]))[0]["category"]
+    largest = sorted(objects, key=lambda o: (-o["visible_pixels"], o["layer"]))[0]
+    return largest["colour"] if label == Label.COLOUR else largest["category"]
 

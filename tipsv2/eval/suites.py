@@ -103,8 +103,8 @@ def synthetic_suite(model: torch.nn.Module, tokenizer: Tokenize, location: DataL
                                 batch_size=cfg.batch_size, patch_size=patch_size, keep_patches=True)
 
     train_features, test_features = features(train), features(test)
-    train_labels = torch.tensor([names.index(synthetic.main_category(r)) for r in train])
-    test_labels = torch.tensor([names.index(synthetic.main_category(r)) for r in test])
+    train_labels = torch.tensor([names.index(synthetic.main_category(r, cfg.scenes.label)) for r in train])
+    test_labels = torch.tensor([names.index(synthetic.main_category(r, cfg.scenes.label)) for r in test])
     class_text = class_embeddings(encode_text, names, zero_shot.PROMPT_TEMPLATES)
     captions = [r.captions[g.value] for r in test for g in Granularity]
     caption_text = embed_texts(encode_text, captions)
