@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import json
 import math
 import multiprocessing
@@ -135,9 +136,14 @@ def shuffled(records: Sequence[Record], seed: int) -> list[Record]:
             for r, j in zip(records, order)]
 
 
-def held_out_scenes(cfg: PretrainConfig) -> list[synthetic.Scene]:
-    scenes = cfg.data.synthetic
-    return [synthetic.make_scene(scenes, synthetic.Split.TEST, i) for i in range(scenes.test_size)]
+@functools.lru_cache(maxsize=4)
+def rendered(scenes: synthetic.SyntheticConfig, split: synthetic.Split, count: int) -> tuple[synthetic.Scene, ...]:
+    """The first `count` scenes of a split, rendered once per process (every run of a job reads them)."""
+    return tuple(synthetic.make_scene(scenes, split, i) for i in range(count))
+
+
+def held_out_scenes(cfg: PretrainConfig) -> tuple[synthetic.Scene, ...]:
+    return rendered(cfg.data.synthetic, synthetic.Split.TEST, cfg.data.synthetic.test_size)
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, cfg: PretrainConfig, *, probe: bool = True
@@ -162,7 +168,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, cfg: PretrainConfig, 
 def controls(encode_image, encode_text, test: Sequence[synthetic.Scene], scenes_cfg, *, patch_size: int
              ) -> dict[str, float]:
     """Retrieval R@1 with CLS2 and a linear probe on frozen patch tokens (trained on 128 train scenes)."""
-    train = [synthetic.make_scene(scenes_cfg, synthetic.Split.TRAIN, i) for i in range(128)]
+    train = rendered(scenes_cfg, synthetic.Split.TRAIN, 128)
     size = scenes_cfg.image_size
 
     def features(scenes):
