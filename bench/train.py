@@ -59,7 +59,7 @@ from bench.common import RESULTS, machine, print_table, write_json
 from pipelines import data
 from pipelines.train import Job, Knobs, Plan, Worker, prepare_tokenizer, read_history, run
 from tipsv2 import config_tree
-from tipsv2.configs import preset
+from pipelines.train.config import preset
 from tipsv2.loop import endless, train_local
 from tipsv2.memory import MemoryInputs, model_state_bytes, parameter_count
 from tipsv2.tokenizer import Tokenizer

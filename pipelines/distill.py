@@ -22,7 +22,7 @@ from typing import Any
 from pipelines import cli
 from pipelines.pretrain import split_local
 from pipelines.train import Job, run
-from tipsv2.configs import DISTILL_PRESETS
+from pipelines.train.config import DISTILL_PRESETS
 
 STAGE_PRESETS = {**DISTILL_PRESETS, "default": DISTILL_PRESETS["tiny"]}
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
 from pipelines.tracking import MetricsSink
-from tipsv2.configs import Config, model_config_of
+from pipelines.train.config import JobConfig
+from tipsv2.configs import model_config_of
 from tipsv2.flops import GPU_PEAK_FLOPS, flops_per_example, gpu_peak_flops
 from tipsv2.memory import (GiB, MemoryInputs, activation_bytes, largest_fitting_batch, model_state_bytes,
                            parameter_count)
@@ -143,7 +144,7 @@ def load_profiles(results: Path = RESULTS) -> Profiles:
                     cpu_thread_flops=peak * 1e9 / threads if peak else None)
 
 
-def preset_name(cfg: Config) -> str:
+def preset_name(cfg: JobConfig) -> str:
     """The model size of `cfg` as a preset name (`vit_b14`), matched on the vision tower; "" if none."""
     from tipsv2.models.config import MODEL_PRESETS
 
@@ -153,7 +154,7 @@ def preset_name(cfg: Config) -> str:
                  if (make().vision.width, make().vision.depth, make().vision.ffn) == shape), "")
 
 
-def gpu_throughput(cfg: Config, gpu: str, *, assume: Assumptions, profiles: Profiles) -> Figure:
+def gpu_throughput(cfg: JobConfig, gpu: str, *, assume: Assumptions, profiles: Profiles) -> Figure:
     """Training images/s of one GPU worker."""
     name, size = preset_name(cfg), cfg.data.crops.global_size
     same = [r for r in profiles.gpu_steps if r["model"] == name and r["px"] == size]
@@ -183,7 +184,7 @@ class MissingProfile(ValueError):
     """A throughput estimate needs a measured profile that is not there (bench/results/ not shipped)."""
 
 
-def cpu_throughput(cfg: Config, *, assume: Assumptions, profiles: Profiles) -> Figure:
+def cpu_throughput(cfg: JobConfig, *, assume: Assumptions, profiles: Profiles) -> Figure:
     """Training images/s of one CPU worker (`engine.cpus_per_worker` threads)."""
     threads = max(1.0, cfg.engine.cpus_per_worker)
     rows = [r for r in profiles.cpu_steps if r["zero_stage"] == cfg.engine.zero_stage]
@@ -201,13 +202,13 @@ def cpu_throughput(cfg: Config, *, assume: Assumptions, profiles: Profiles) -> F
         f"threads / {flops / 1e9:.2f} GFLOP per image"))
 
 
-def memory_inputs(cfg: Config) -> MemoryInputs:
+def memory_inputs(cfg: JobConfig) -> MemoryInputs:
     engine = cfg.engine
     return MemoryInputs(stage=engine.zero_stage, workers=engine.workers, precision=engine.precision,
                         grad_accum=engine.grad_accum, bucket_size=engine.bucket_size)
 
 
-def estimate_memory(cfg: Config, *, assume: Assumptions) -> MemoryEstimate:
+def estimate_memory(cfg: JobConfig, *, assume: Assumptions) -> MemoryEstimate:
     """Model state (tipsv2.memory) + activations at the configured batch + the reserve, per worker."""
     state = model_state_bytes(parameter_count(cfg), memory_inputs(cfg)) / GiB
     per_image = activation_bytes(cfg, precision=cfg.engine.precision) / GiB
@@ -215,16 +216,16 @@ def estimate_memory(cfg: Config, *, assume: Assumptions) -> MemoryEstimate:
                           activations_per_image=per_image, reserved=assume.reserved_gib)
 
 
-def with_engine(cfg: Config, **changes) -> Config:
+def with_engine(cfg: JobConfig, **changes) -> JobConfig:
     return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, **changes))
 
 
-def with_batch(cfg: Config, batch: int, grad_accum: int) -> Config:
+def with_batch(cfg: JobConfig, batch: int, grad_accum: int) -> JobConfig:
     cfg = with_engine(cfg, grad_accum=grad_accum)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch))
 
 
-def advice(cfg: Config, capacity: float, *, assume: Assumptions) -> str:
+def advice(cfg: JobConfig, capacity: float, *, assume: Assumptions) -> str:
     """What to change so a worker fits in `capacity` GiB: ZeRO-3, a smaller batch with accumulation
     (the same global batch), or more memory."""
     batch, accum = cfg.data.batch_size, cfg.engine.grad_accum
@@ -251,7 +252,7 @@ def advice(cfg: Config, capacity: float, *, assume: Assumptions) -> str:
     return "does not fit: " + "; or ".join(tips)
 
 
-def verdict(cfg: Config, gpu: str, *, assume: Assumptions) -> Verdict:
+def verdict(cfg: JobConfig, gpu: str, *, assume: Assumptions) -> Verdict:
     """Fit or no fit of one training worker on one `gpu` (a GPU_MEMORY_GIB key)."""
     if gpu not in GPU_MEMORY_GIB:
         raise ValueError(f"no memory size known for GPU {gpu!r}; known: {sorted(GPU_MEMORY_GIB)}")
@@ -262,7 +263,7 @@ def verdict(cfg: Config, gpu: str, *, assume: Assumptions) -> Verdict:
                    advice="" if fits else advice(cfg, capacity, assume=assume))
 
 
-def plan_metrics(cfg: Config, *, gpu: str | None, assume: Assumptions = Assumptions(),
+def plan_metrics(cfg: JobConfig, *, gpu: str | None, assume: Assumptions = Assumptions(),
                  profiles: Profiles | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, params) a training run logs at its start: its planned images/s and MFU per worker, step
     time and GPU memory (the run's own images_per_s, mfu, memory/gpu_peak_mb sit beside them)."""
@@ -286,7 +287,7 @@ def plan_metrics(cfg: Config, *, gpu: str | None, assume: Assumptions = Assumpti
     return metrics, params
 
 
-def log_plan(sink: MetricsSink, stage: Stage, cfg: Config) -> None:
+def log_plan(sink: MetricsSink, stage: Stage, cfg: JobConfig) -> None:
     """Log the plan of a training run as it starts (metrics at step 0 under plan/, sources as params): on
     GPUs for the accelerator the stage's request pins, else for CPU workers."""
     gpu = accelerator(RESOURCE_REQUESTS[stage]) if cfg.engine.use_gpu else None

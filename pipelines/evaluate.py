@@ -39,7 +39,7 @@ from pipelines import cli, storage
 from pipelines.tracking import MetricsSink, NullSink, default_uri, open_sink
 from tipsv2 import config_tree
 from tipsv2.checkpoint import ModelSource, load_source
-from tipsv2.configs import TrackingConfig
+from pipelines.tracking import TrackingConfig
 from tipsv2.eval.suites import SUITES, DataLocation, run_suite
 from tipsv2.models import TIPSModel
 from tipsv2.tokenizer import Tokenizer

@@ -40,7 +40,7 @@ from pipelines.resources import (ACCELERATOR_PREFIX, ACCELERATOR_SLIVER, RESOURC
                                  accelerator, fitting_node_types, node_type_resources, training_request,
                                  workers_per_node)
 from tipsv2 import config_tree
-from tipsv2.configs import PRESETS, Config, distill_preset, preset
+from pipelines.train.config import PRESETS, JobConfig, distill_preset, preset
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICES = ROOT / "cluster" / "prices.yaml"
@@ -242,7 +242,7 @@ def plan_caption(cfg: caption.CaptionConfig, images: float, cluster: Cluster, as
                 notes=notes, warnings=warnings)
 
 
-def plan_training(stage: Stage, cfg: Config, images: float, cluster: Cluster, assume: Assumptions,
+def plan_training(stage: Stage, cfg: JobConfig, images: float, cluster: Cluster, assume: Assumptions,
                   profiles: Profiles) -> StagePlan:
     request = training_request(stage, use_gpu=cfg.engine.use_gpu, cpus_per_worker=cfg.engine.cpus_per_worker)
     node = choose_node(stage.value, request, cluster)
@@ -333,7 +333,7 @@ def stage_lines(plans: list[StagePlan], cluster: Cluster) -> list[str]:
     return lines
 
 
-def memory_lines(p: StagePlan, cfg: Config) -> list[str]:
+def memory_lines(p: StagePlan, cfg: JobConfig) -> list[str]:
     m, e = p.memory, cfg.engine
     lines = [f"{p.stage} memory per GPU: ZeRO-{e.zero_stage}, {e.precision.value}, batch {cfg.data.batch_size} "
              f"x grad_accum {e.grad_accum}, {e.workers} workers: model state {m.model_state:.1f} GiB + activations "

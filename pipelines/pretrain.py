@@ -20,7 +20,7 @@ from typing import Any
 
 from pipelines import cli
 from pipelines.train import Job, run
-from tipsv2.configs import PRESETS
+from pipelines.train.config import PRESETS
 
 STAGE_PRESETS = {**PRESETS, "default": PRESETS["tiny"]}
 

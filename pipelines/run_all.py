@@ -22,7 +22,8 @@ from typing import Any, Callable
 from pipelines import caption, cli, ingest, report, storage
 from pipelines.tracking import PARENT_ENV, MlflowSink, default_uri
 from tipsv2 import config_tree
-from tipsv2.configs import DistillConfig, PretrainConfig, TrackingConfig, distill_preset, preset
+from pipelines.tracking import TrackingConfig
+from pipelines.train.config import DistillJobConfig, PretrainJobConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig
 
 STEPS = ("source", "ingest", "caption", "tokenizer", "pretrain", "distill", "evaluate", "report")
@@ -41,8 +42,8 @@ class RunAllConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     ingest: ingest.IngestConfig = field(default_factory=ingest.default)
     caption: caption.CaptionConfig = field(default_factory=caption.template)
-    pretrain: PretrainConfig = field(default_factory=lambda: preset("tiny"))
-    distill: DistillConfig = field(default_factory=lambda: distill_preset("tiny"))
+    pretrain: PretrainJobConfig = field(default_factory=lambda: preset("tiny"))
+    distill: DistillJobConfig = field(default_factory=lambda: distill_preset("tiny"))
     evaluate_suite: str = "synthetic"      # a tipsv2.eval.suites name
     evaluate_data: str = ""                # the suite's dataset root; "" = the generated scenes for 'synthetic'
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="tipsv2-run_all"))

@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +41,14 @@ PARENT_ENV = "TIPSV2_PARENT_RUN_ID"
 COMMIT_ENV = "TIPSV2_GIT_COMMIT"
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Where a stage's MLflow run goes (every stage's config has one, as `tracking`)."""
+    uri: str | None = None                # MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite under the output
+    experiment: str = "tipsv2"
+    run_name: str | None = None
 
 
 def git_commit(directory: Path = REPOSITORY) -> str | None:
@@ -209,7 +218,7 @@ def _redact_uri(uri: str) -> str:
     return re.sub(r"://[^/@]+@", "://" + REDACTED + "@", uri)
 
 
-def open_sink(cfg, *, output_root: str | None, rank: int = 0, run_id: str | None = None,
+def open_sink(cfg: TrackingConfig, *, output_root: str | None, rank: int = 0, run_id: str | None = None,
               parent_run_id: str | None = None) -> MetricsSink:
     """The sink for this process: MLflow on rank 0, NullSink elsewhere.
 

@@ -64,11 +64,11 @@ TRAIN_TEST_SETS = ("steps=4", "log_every=1", "data.batch_size=4", "data.syntheti
 
 @pytest.fixture(scope="session")
 def train_cfg():
-    """Factory: `train_cfg("engine.zero_stage=3", ...)` -> the test PretrainConfig with those overrides."""
+    """Factory: `train_cfg("engine.zero_stage=3", ...)` -> the test PretrainJobConfig with those overrides."""
+    from pipelines.train.config import preset
     from tipsv2 import config_tree
-    from tipsv2.configs import tiny
 
-    def make(*sets: str, base=tiny):
+    def make(*sets: str, base=lambda: preset("tiny")):
         cfg = base()
         for assignment in (*TRAIN_TEST_SETS, *sets):
             cfg = config_tree.override(cfg, assignment)

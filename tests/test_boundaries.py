@@ -79,7 +79,7 @@ def test_pipelines_imports_have_no_circle():
 
 # pipelines/train/: imports run one way, down this list (a module imports only those below it), and none
 # inside a function (deepspeed, ray, safetensors and the like excepted: heavy, loaded only where used).
-TRAIN_LAYERS = ["driver", "local", "worker", "checkpoint", "export", "jobs", "zero", "perf"]
+TRAIN_LAYERS = ["driver", "local", "worker", "checkpoint", "export", "jobs", "zero", "perf", "config"]
 
 
 def train_imports(path: pathlib.Path) -> tuple[set[str], set[str]]:
@@ -101,3 +101,15 @@ def test_the_trainer_imports_run_one_way():
         upward = {m for m in top if TRAIN_LAYERS.index(m) <= rank}
         assert not upward, f"pipelines/train/{name}.py imports {sorted(upward)}, which sit above it in {TRAIN_LAYERS}"
         assert not nested, f"pipelines/train/{name}.py imports {sorted(nested)} inside a function"
+
+
+def test_the_library_holds_no_engine_or_tracking_config():
+    """How a run is distributed and where it is recorded belong to pipelines/ (pipelines/train/config.py,
+    pipelines/tracking.py); the library's configs describe the recipe alone."""
+    import dataclasses
+
+    from tipsv2 import configs
+
+    roots = [configs.PretrainConfig, configs.DistillConfig, configs.RunConfig]
+    assert all(not {"engine", "tracking"} & {f.name for f in dataclasses.fields(root)} for root in roots)
+    assert not hasattr(configs, "EngineConfig") and not hasattr(configs, "TrackingConfig")

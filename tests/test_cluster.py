@@ -325,7 +325,7 @@ def test_node_type_resources_refuses_what_is_not_a_cluster(tmp_path):
 @pytest.mark.parametrize("name", ["vit_s14", "vit_b14", "vit_l14", "vit_so400m14", "vit_g14"])
 def test_paper_presets_train_on_whole_training_nodes(name):
     from pipelines.train import Job, rank_request
-    from tipsv2.configs import distill_preset, preset
+    from pipelines.train.config import distill_preset, preset
 
     types = worker_types("aws")
     for job, cfg, stage in ((Job.PRETRAIN, preset(name), Stage.PRETRAIN),
@@ -338,7 +338,7 @@ def test_paper_presets_train_on_whole_training_nodes(name):
 
 def test_cpu_training_asks_only_for_its_cpus():
     from pipelines.train import Job, rank_request
-    from tipsv2.configs import preset
+    from pipelines.train.config import preset
 
     assert rank_request(Job.PRETRAIN, preset("tiny").engine) == {"CPU": 1.0}
 

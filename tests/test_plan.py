@@ -18,7 +18,8 @@ from pipelines.estimate import (Assumptions, Profiles, cpu_throughput, gpu_throu
                                 verdict)
 from pipelines.resources import Stage
 from tipsv2 import config_tree
-from tipsv2.configs import PRESETS, Precision, preset
+from pipelines.train.config import PRESETS, preset
+from tipsv2.configs import Precision
 from tipsv2.data.batch import random_batch
 from tipsv2.flops import GPU_PEAK_FLOPS, flops_per_example
 from tipsv2.memory import MemoryInputs, activation_bytes, model_state_bytes, parameter_count

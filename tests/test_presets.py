@@ -43,6 +43,29 @@ def test_every_paper_preset_value_names_its_source():
         [line for line in setting if "#" not in line]
 
 
+def test_every_paper_engine_value_names_its_source():
+    """The engine the paper presets run on (`pipelines/train/config.py`) follows the same rule."""
+    source = Path(__file__).parents[1].joinpath("pipelines", "train", "config.py").read_text()
+    body = source[source.index("def _paper_engine("):source.index("def engine_of(")]
+    setting = [line for line in body.splitlines() if re.search(r"\w=[^=]", line)]
+    assert len(setting) == 4 and all("#" in line for line in setting), setting
+
+
+def test_paper_presets_run_on_one_gpu_node_and_cpu_presets_on_one_cpu():
+    from pipelines.train.config import DISTILL_PRESETS as JOB_DISTILL, PRESETS as JOBS, EngineConfig
+
+    assert set(JOBS) == set(PRESETS) and set(JOB_DISTILL) == set(DISTILL_PRESETS)
+    for name in ("vit_b14", "vit_g14_hr"):
+        engine = JOBS[name]().engine
+        assert (engine.workers, engine.use_gpu, engine.precision.value) == (8, True, "bf16")
+        assert JOB_DISTILL[name]().engine == engine
+    assert JOBS["vit_g14"]().engine.zero_stage == 3 and JOBS["vit_l14"]().engine.zero_stage == 2
+    assert JOBS["tiny"]().engine == EngineConfig()
+    for name in PRESETS:   # a job config is its recipe plus the engine: every recipe field is the library's
+        job, recipe = JOBS[name](), PRESETS[name]()
+        assert all(getattr(job, f) == getattr(recipe, f) for f in recipe.__dataclass_fields__), name
+
+
 def test_learning_preset_scenes_name_colours_a_patch_can_see():
     cfg = learning()
     scenes = cfg.data.synthetic

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines import compare
 from pipelines.tracking import REDACTED, MlflowSink, NullSink, flatten, open_sink
-from tipsv2.configs import TrackingConfig
+from pipelines.tracking import TrackingConfig
 
 
 def test_flatten_redacts_secrets():

@@ -135,7 +135,7 @@ def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
     first = distill.main(args)
     assert first["complete"] and len(read_history(output)) == 2
     # The pipeline's --local is tipsv2.distill_loop.distill_local on the same rows.
-    from tipsv2.configs import distill_preset
+    from pipelines.train.config import distill_preset
     from tipsv2.distill_loop import distill_local
     from pipelines.cli import resolve_config
     cfg = resolve_config("tiny", {"tiny": lambda: distill_preset("tiny")}, [a for a in args[args.index("--set"):] if a != "--set"] +

@@ -17,7 +17,7 @@ import torch
 from pipelines.train import Job, Knobs, export_parts, read_history, run
 from tests.training import assert_same_losses
 from tipsv2.checkpoint import load_export
-from tipsv2.configs import distill_preset
+from pipelines.train.config import distill_preset
 
 pytestmark = pytest.mark.slow
 

@@ -46,51 +46,18 @@ class DataConfig:
 
 
 class Precision(str, enum.Enum):
+    """A number format: what `tipsv2.flops` and `tipsv2.memory` count with. Which one a run trains in is the
+    engine's choice (`engine.precision` in `pipelines/train/config.py`)."""
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"
 
 
 @dataclass(frozen=True, kw_only=True)
-class EngineConfig:
-    """How the distributed trainer runs (read only by pipelines/: Ray Train + DeepSpeed)."""
-    workers: int = 1                      # Ray Train workers (one per GPU on GPU nodes)
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    zero_stage: int = 2                   # DeepSpeed ZeRO stage 0, 1, 2 or 3
-    precision: Precision = Precision.FP32
-    grad_accum: int = 1                   # micro-batches per optimiser step
-    checkpoint_every: int = 100           # steps between checkpoints
-    keep_checkpoints: int = 2
-    max_failures: int = 0                 # Ray Train FailureConfig: worker failures survived by resuming
-    bucket_size: int = 50_000_000         # elements per ZeRO reduce / all-gather / prefetch bucket
-
-    def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"engine zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.bucket_size < 1:
-            raise ValueError(f"engine bucket_size must be >= 1 element, got {self.bucket_size}")
-        if self.workers < 1 or self.grad_accum < 1:
-            raise ValueError(f"engine workers and grad_accum must be >= 1, got {self.workers}, {self.grad_accum}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrackingConfig:
-    uri: str | None = None                # MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite under the output
-    experiment: str = "tipsv2"
-    run_name: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
-    task: TaskConfig = field(default_factory=TaskConfig)
+class RunConfig:
+    """The fields every training recipe has: its data, optimiser, length and seed."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    init: str | None = None              # a model to start from: export dir (encoders and EMA heads), hf:DIR or
-                                         # VISION.npz[,TEXT.npz] (encoders); the high-resolution stage starts
-                                         # from the low-resolution export
     steps: int = 1000
     seed: int = 0
     log_every: int = 10                  # steps between metric logs
@@ -98,6 +65,18 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(RunConfig):
+    """The pretraining recipe (what `tipsv2.loop.train_local` runs); `pipelines.pretrain` adds the engine."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    init: str | None = None              # a model to start from: export dir (encoders and EMA heads), hf:DIR or
+                                         # VISION.npz[,TEXT.npz] (encoders); the high-resolution stage starts
+                                         # from the low-resolution export
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.data.crops.local_crops != self.task.dino.local_crops:
             raise ValueError(f"data.crops.local_crops ({self.data.crops.local_crops}) must equal "
                              f"task.dino.local_crops ({self.task.dino.local_crops})")
@@ -165,10 +144,10 @@ def learning() -> PretrainConfig:
                    optim=replace(cfg.optim, lr=1e-3, warmup_steps=20))
 
 
-def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float, zero_stage: int = 2,
+def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float,
            stage: Stage = Stage.LOW_RES) -> PretrainConfig:
-    """The recipe at a paper size, on one 8-GPU training node in bf16 (`--set engine.workers=16` for two
-    nodes; `batch_size` is per GPU). Stage LOW_RES trains from scratch at 224 px; stage HIGH_RES (the
+    """The recipe at a paper size; `batch_size` is per GPU of the engine `pipelines/train/config.py` gives
+    these presets (one 8-GPU node in bf16). Stage LOW_RES trains from scratch at 224 px; stage HIGH_RES (the
     `*_hr` presets) continues at 448 px from its export: `--set init=<low-res output>/export`."""
     high = stage == Stage.HIGH_RES
     model = model_config(name, image_size=448,      # release: 32x32 position grid; interpolated at 224 px
@@ -197,25 +176,23 @@ def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float, 
                         weight_decay=0.04,                   # DINOv2 (ssl_default, start of its schedule)
                         layer_decay=layer_decay,             # DINOv2: 0.9 (ssl_default), 1.0 at g/14 (vitg14.yaml)
                         clip_grad=3.0)                       # DINOv2 (ssl_default)
-    engine = EngineConfig(workers=8, use_gpu=True,           # one 8-GPU node (cluster/aws.yaml p5 / gcp a3)
-                          precision=Precision.BF16,          # our choice: bf16 keeps float32 masters (README)
-                          zero_stage=zero_stage,             # bench/results/train.json: ZeRO-3 only for g/14
-                          checkpoint_every=2000)             # our choice: a lost node costs under 2000 steps
-    return PretrainConfig(task=task, data=data, optim=optim, engine=engine,
+    return PretrainConfig(task=task, data=data, optim=optim,
                           steps=50_000 if high else 500_000,  # our choice: 10 % at high resolution, as TIPS v1
                                                               # trained g/14 at low then high resolution (release)
                           log_every=50)                       # our choice: metrics every 50 steps
 
 
+PAPER_SIZES = {  # name: (batch per GPU, layer decay, drop path)
+    "vit_s14": (128, 1.0, 0.3), "vit_b14": (128, 1.0, 0.3), "vit_l14": (64, 0.9, 0.3),
+    "vit_so400m14": (32, 0.9, 0.3), "vit_g14": (32, 1.0, 0.4),
+}
+
+
 def _paper_presets(stage: Stage, suffix: str) -> dict[str, Callable[[], PretrainConfig]]:
-    sizes = {  # name: (batch per GPU, layer decay, drop path, ZeRO stage)
-        "vit_s14": (128, 1.0, 0.3, 2), "vit_b14": (128, 1.0, 0.3, 2), "vit_l14": (64, 0.9, 0.3, 2),
-        "vit_so400m14": (32, 0.9, 0.3, 2), "vit_g14": (32, 1.0, 0.4, 3),
-    }
     high = stage == Stage.HIGH_RES
-    return {name + suffix: (lambda b=b, d=d, p=p, z=z, name=name: _paper(
-                name, batch_size=b // 4 if high else b, layer_decay=d, drop_path=p, zero_stage=z, stage=stage))
-            for name, (b, d, p, z) in sizes.items()}   # 4x the tokens at 448 px: a quarter of the batch per GPU
+    return {name + suffix: (lambda b=b, d=d, p=p, name=name: _paper(
+                name, batch_size=b // 4 if high else b, layer_decay=d, drop_path=p, stage=stage))
+            for name, (b, d, p) in PAPER_SIZES.items()}   # 4x the tokens at 448 px: a quarter of the batch per GPU
 
 
 PRESETS: dict[str, Callable[[], PretrainConfig]] = {
@@ -234,22 +211,12 @@ def preset(name: str) -> PretrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DistillConfig:
-    """Root config of `python -m pipelines.distill`: a frozen teacher teaches a random-init student."""
+class DistillConfig(RunConfig):
+    """The distillation recipe: a frozen teacher teaches a random-init student (`pipelines.distill` adds the
+    engine)."""
     task: DistillTaskConfig = field(default_factory=DistillTaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     teacher: str | None = None           # exported model dir, "hf:DIR" (transformers) or "VISION.npz[,TEXT.npz]"
     student_init: str | None = None      # None = random init (recommended); otherwise a model as `teacher` names one
-    steps: int = 1000
-    seed: int = 0
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
 def _distill_from(pre: PretrainConfig) -> DistillConfig:
@@ -258,8 +225,8 @@ def _distill_from(pre: PretrainConfig) -> DistillConfig:
     return DistillConfig(
         task=DistillTaskConfig(student=task.model, head=task.head, contrastive=task.contrastive, dino=task.dino,
                                patch=task.patch, teacher_heads=TeacherHeads.REUSE),
-        data=replace(pre.data, masking=replace(pre.data.masking, ratio=0.0)), optim=pre.optim, engine=pre.engine,
-        tracking=pre.tracking, steps=pre.steps, seed=pre.seed, log_every=pre.log_every)
+        data=replace(pre.data, masking=replace(pre.data.masking, ratio=0.0)), optim=pre.optim,
+        steps=pre.steps, seed=pre.seed, log_every=pre.log_every)
 
 
 DISTILL_PRESETS: dict[str, Callable[[], DistillConfig]] = {

@@ -27,12 +27,12 @@ from pipelines.train.jobs import Job, Knobs, Plan
 from pipelines.train.local import train_here
 from pipelines.train.worker import train_worker
 from tipsv2 import config_tree
-from tipsv2.configs import Config
+from pipelines.train.config import JobConfig
 from tipsv2.loop import NonFiniteLoss
 from tipsv2.tokenizer import train_tokenizer
 
 
-def prepare_tokenizer(cfg: Config, output: str, texts) -> str:
+def prepare_tokenizer(cfg: JobConfig, output: str, texts) -> str:
     """URI of the SentencePiece model: the configured one, or one trained on the texts once per output."""
     if cfg.data.tokenizer:
         return cfg.data.tokenizer
@@ -45,7 +45,7 @@ def prepare_tokenizer(cfg: Config, output: str, texts) -> str:
     return uri
 
 
-def local_ray_cpus(cfg: Config) -> int:
+def local_ray_cpus(cfg: JobConfig) -> int:
     """Logical CPUs for a local Ray: the workers plus room for Ray Data (2 deadlocks with Data + Train)."""
     return max(4, math.ceil(cfg.engine.workers * cfg.engine.cpus_per_worker) + 2)
 
@@ -92,7 +92,7 @@ def fit(plan: Plan):
     return trainer.fit()
 
 
-def check_same_config(output: str, cfg: Config, *, resuming: bool) -> None:
+def check_same_config(output: str, cfg: JobConfig, *, resuming: bool) -> None:
     """Resuming continues the run in `output`: refuse when its config.json differs from `cfg`."""
     uri = storage.join(output, cli.CONFIG_FILE)
     if not resuming or not storage.exists(uri):
@@ -105,7 +105,7 @@ def check_same_config(output: str, cfg: Config, *, resuming: bool) -> None:
                          "resume with the same config or train into a new --output")
 
 
-def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs | None = None) -> dict[str, Any]:
+def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, knobs: Knobs | None = None) -> dict[str, Any]:
     """Train `cfg` into `output` (local path or s3://); resumes or skips a previous run there."""
     clock = cli.Stopwatch()
     summary_uri = storage.join(output, cli.SUMMARY_FILE)
@@ -151,7 +151,7 @@ def run(job: Job, cfg: Config, output: str, *, local: bool = False, knobs: Knobs
     return summary
 
 
-def train_distributed(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,
+def train_distributed(job: Job, cfg: JobConfig, *, output: str, source: data.Source, texts, tokenizer: str,
                       run_id: str | None, tracking_uri: str | None, resume_from: str | None,
                       knobs: Knobs) -> list[dict[str, float]]:
     import ray

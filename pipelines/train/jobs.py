@@ -17,7 +17,7 @@ from torch import nn
 from pipelines import data
 from pipelines.storage import local_copy
 from tipsv2.checkpoint import ModelSource, load_source
-from tipsv2.configs import Config
+from pipelines.train.config import JobConfig
 from tipsv2.distill import DistillTask
 from tipsv2.models.config import VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
@@ -48,7 +48,7 @@ class Knobs:
 class Plan:
     """Everything a worker needs, built once by the driver (picklable)."""
     job: Job
-    cfg: Config
+    cfg: JobConfig
     output: str
     source: data.Source
     ids: list[str]
@@ -70,7 +70,7 @@ def load_teacher(spec: str | None) -> tuple[TIPSModel, DinoHead | None, DinoHead
     return load_source(ModelSource.parse(spec), fetch=local_copy)
 
 
-def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_sum=None,
+def build_task(job: Job, cfg: JobConfig, *, gather=None, reduce_mean=None, reduce_sum=None,
                rank: int = 0) -> nn.Module:
     """The module DeepSpeed wraps, seeded by cfg.seed so every rank (and the local loop) builds the same one."""
     collectives = {k: v for k, v in {"gather": gather, "reduce_mean": reduce_mean, "reduce_sum": reduce_sum}.items()
@@ -90,7 +90,7 @@ def build_task(job: Job, cfg: Config, *, gather=None, reduce_mean=None, reduce_s
                        student=student, rank=rank, **collectives)
 
 
-def export_parts(task: nn.Module, cfg: Config) -> tuple[TIPSModel, DinoHead, DinoHead, DinoHeadConfig]:
+def export_parts(task: nn.Module, cfg: JobConfig) -> tuple[TIPSModel, DinoHead, DinoHead, DinoHeadConfig]:
     """(model, DINO head, patch head, head config) to export: the EMA teacher heads when pretraining,
     the student's own heads when distilling."""
     if isinstance(task, TIPSv2Task):

@@ -15,14 +15,15 @@ from pipelines.train.checkpoint import write_history
 from pipelines.train.export import write_export
 from pipelines.train.jobs import Job, build_task, export_parts, local_copy
 from tipsv2.checkpoint import ModelSource, load_source
-from tipsv2.configs import Config, Precision, model_config_of
+from pipelines.train.config import JobConfig
+from tipsv2.configs import Precision, model_config_of
 from tipsv2.flops import flops_per_example, peak_flops
 from tipsv2.loop import endless, fit, train_local
 from tipsv2.optim import TowerDepths
 from tipsv2.tokenizer import Tokenizer
 
 
-def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
+def train_local_task(job: Job, cfg: JobConfig, *, records, tokenizer: Tokenizer,
                      on_step: Callable[[int, dict[str, float]], None]) -> nn.Module:
     """tipsv2.loop's plain loop: train_local when pretraining, loop.fit on the DistillTask (the same as
     tipsv2.distill_loop.distill_local, plus `student_init`) when distilling."""
@@ -37,7 +38,7 @@ def train_local_task(job: Job, cfg: Config, *, records, tokenizer: Tokenizer,
                on_step=on_step).task
 
 
-def train_here(job: Job, cfg: Config, *, output: str, source: data.Source, texts, tokenizer: str,
+def train_here(job: Job, cfg: JobConfig, *, output: str, source: data.Source, texts, tokenizer: str,
                sink: MetricsSink) -> list[dict[str, float]]:
     """--local: train in this process, log to the sink, export like rank 0 does."""
     if cfg.engine.use_gpu or cfg.engine.precision != Precision.FP32:

@@ -12,7 +12,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from tipsv2.configs import Config, Precision
+from pipelines.train.config import JobConfig
+from tipsv2.configs import Precision
 from tipsv2.models.model import TIPSModel
 
 
@@ -57,13 +58,13 @@ class Zero:
         return stage0_masters(optimizer) if self.stage == 0 else {}
 
 
-def manual_clipping(cfg: Config) -> bool:
+def manual_clipping(cfg: JobConfig) -> bool:
     """ZeRO-0 in fp32 clips with DeepSpeed's own clip_grad_norm_, which fails on 0-dim parameters
     (log_temperature) in DeepSpeed 0.19: the engine clips with torch's instead (same global norm)."""
     return cfg.engine.zero_stage == 0 and cfg.engine.precision == Precision.FP32 and cfg.optim.clip_grad > 0
 
 
-def deepspeed_config(cfg: Config, *, world: int) -> dict:
+def deepspeed_config(cfg: JobConfig, *, world: int) -> dict:
     engine = cfg.engine
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
