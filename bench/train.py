@@ -57,7 +57,7 @@ import torch
 
 from bench.common import RESULTS, machine, print_table, write_json
 from pipelines import data
-from pipelines.train import Job, Knobs, Plan, Worker, prepare_tokenizer, read_history, run
+from pipelines.train import Job, NoFaults, Plan, Worker, prepare_tokenizer, read_history, run
 from tipsv2 import config_tree
 from pipelines.train.config import preset
 from tipsv2.loop import endless, train_local
@@ -125,7 +125,7 @@ def overhead(steps: int, warmup: int, *, batch: int, stage: int) -> dict:
                                 stream=endless(records, data=cfg.data, seed=cfg.seed, patch_size=14,
                                                tokenizer=tokenizer))[warmup:-1]
         start = time.perf_counter()
-        run(Job.PRETRAIN, cfg, ray_out, knobs=Knobs())
+        run(Job.PRETRAIN, cfg, ray_out, faults=NoFaults())
         ray_wall = time.perf_counter() - start
         rows = read_history(ray_out)
         # The plain loop prepares its batches inline: time that part alone on the same batches.
@@ -178,7 +178,7 @@ def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: in
                         merge={"task": {"dino": {"local_crops": 2}}, "data": {"crops": {"local_crops": 2}}})
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
-            run(Job.PRETRAIN, cfg, root, knobs=Knobs())
+            run(Job.PRETRAIN, cfg, root, faults=NoFaults())
             rows = read_history(root)
         out.append({"model": model, "zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
                     "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],

@@ -95,6 +95,22 @@ def stage_main(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]], ru
     return summary
 
 
+def done_record(cfg: Any, **fields: Any) -> dict[str, Any]:
+    """What a finished piece of work records, so that `done_before` can tell a rerun of it: its config
+    (normalised as JSON stores it) and the result `fields`."""
+    return {"config": json.loads(json.dumps(config_tree.to_dict(cfg))), **fields}
+
+
+def done_before(record_uri: str, cfg: Any) -> dict[str, Any] | None:
+    """The record at `record_uri` (a `done_record`, e.g. a stage's summary.json) when it was written for this
+    exact config; None when there is none or another config wrote it. Every stage, and every step of the
+    chain, skips its work this one way."""
+    if not storage.exists(record_uri):
+        return None
+    record = storage.read_json(record_uri)
+    return record if record.get("config") == done_record(cfg)["config"] else None
+
+
 def write_resolved_config(output_uri: str, cfg: Any) -> None:
     storage.write_json(storage.join(output_uri, CONFIG_FILE), config_tree.to_dict(cfg))
 

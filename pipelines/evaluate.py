@@ -205,9 +205,8 @@ def run(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     Skipped (nothing recomputed or logged) when the results of this exact config are already there."""
     watch = cli.Stopwatch()
     target = results_uri(output, cfg.suite)
-    config = config_tree.to_dict(cfg)
-    previous = storage.read_json(target) if storage.exists(target) else None
-    if previous is not None and previous.get("config") == config:
+    previous = cli.done_before(target, cfg)
+    if previous is not None:
         print(f"{target} already holds this config's results: skipped")
         summary = summarize(cfg, target=target, metrics=previous["metrics"], run_id=previous.get("mlflow_run_id"),
                             wall_s=watch.seconds(), skipped=True)
@@ -217,8 +216,8 @@ def run(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     status = "FAILED"
     try:
         metrics = evaluate(cfg)
-        results = {"suite": cfg.suite, "checkpoint": cfg.checkpoint, "data": cfg.data, "metrics": metrics,
-                   "seconds": watch.seconds(), "mlflow_run_id": sink.run_id, "config": config}
+        results = cli.done_record(cfg, suite=cfg.suite, checkpoint=cfg.checkpoint, data=cfg.data, metrics=metrics,
+                                  seconds=watch.seconds(), mlflow_run_id=sink.run_id)
         storage.write_json(target, results)
         cli.write_resolved_config(output, cfg)
         log_results(sink, cfg, results)

@@ -32,13 +32,13 @@ import pyarrow.compute as pc
 from pipelines import cli, storage
 from pipelines.resources import RESOURCE_REQUESTS, Stage
 from tipsv2.data import schema
+from tipsv2.data.schema import image_id
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 SIDECAR_SUFFIXES = (".txt", ".json")
 MANIFEST_SUFFIXES = (".parquet", ".jsonl")
 TAR_SUFFIXES = (".tar",)
 ALT_TEXT_KEYS = ("alt_text", "caption", "text")
-ID_HEX_CHARS = 32  # 128 bits of the sha256
 TAR_MEMBER_BITS = 24  # sort key = shard order << 24 | member order (up to 16M samples per shard)
 
 
@@ -127,10 +127,6 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_modes: tuple[str, ...]
         except ValueError as err:
             raise BadImage(Reason.UNSUPPORTED_MODE, f"mode {mode!r}: {err}") from None
     return Decoded(format=str(fmt), width=int(width), height=int(height))
-
-
-def image_id(sha256: str) -> str:
-    return sha256[:ID_HEX_CHARS]
 
 
 # ---------------------------------------------------------------- listing the source (driver side)

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from pipelines import cli, compare, storage
+from pipelines.heatmaps import HeatmapRow, Panel, plot_heatmaps, pyplot
 from pipelines.tracking import default_uri
 from tipsv2 import config_tree
 from tipsv2.checkpoint import load_export
 from tipsv2.data import synthetic
 from tipsv2.data.synthetic import SyntheticConfig
-from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder, patch_text_similarity
+from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder
 from tipsv2.eval.zero_shot import PROMPT_TEMPLATES, SegMode, ZeroShotSegmentationConfig, predict_segmentation
 from tipsv2.models.model import TIPSModel
 from tipsv2.tokenizer import Tokenizer
@@ -35,20 +34,13 @@ PALETTE = np.array([[40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], 
                     [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]], dtype=np.uint8)
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def colorize(labels: np.ndarray) -> np.ndarray:
     return PALETTE[labels % len(PALETTE)]
 
 
 def loss_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
     """histories: run name -> metric -> [(step, value)]; one panel per metric."""
-    plt = _plt()
+    plt = pyplot()
     metrics = sorted({m for h in histories.values() for m in h})
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(4 * max(len(metrics), 1), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
@@ -68,7 +60,7 @@ def loss_curves(histories: dict[str, dict[str, list[tuple[int, float]]]], path: 
 def segmentation_overlays(models: dict[str, TIPSModel], tokenizer, scenes: Sequence[synthetic.SceneRecord],
                           class_names: Sequence[str], path: Path) -> Path:
     """Rows: scenes; columns: image, ground truth, one zero-shot prediction per model."""
-    plt = _plt()
+    plt = pyplot()
     cfg = ZeroShotSegmentationConfig(mode=SegMode.WHOLE, short_side=scenes[0].image.size[0])
     names = ["background", *class_names]
     texts = {n: class_embeddings(model_text_encoder(m, tokenizer), names, PROMPT_TEMPLATES) for n, m in models.items()}
@@ -90,32 +82,11 @@ def segmentation_overlays(models: dict[str, TIPSModel], tokenizer, scenes: Seque
     return path
 
 
-def upsampled_similarity(model: TIPSModel, tokenizer, image, prompt: str) -> np.ndarray:
-    """(H, W) cosine of each value-attention patch token with the prompt's embedding, bilinearly upsampled."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    cos = patch_text_similarity(model, tokenizer, pixels, [prompt])                # (1, h, w)
-    return F.interpolate(cos[None], size=pixels.shape[-2:], mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
 def heatmaps(models: dict[str, TIPSModel], tokenizer, scenes: Sequence[synthetic.SceneRecord], path: Path) -> Path:
     """Per scene, the prompt of its main object; heatmap per model over the image."""
-    plt = _plt()
-    fig, axes = plt.subplots(len(scenes), 1 + len(models), figsize=(2.6 * (1 + len(models)), 2.6 * len(scenes)),
-                             squeeze=False)
-    for row, scene in enumerate(scenes):
-        prompt = scene.captions.get("short", "a shape")
-        axes[row, 0].imshow(scene.image)
-        axes[row, 0].set_title(prompt, fontsize=7)
-        for col, (name, model) in enumerate(models.items(), start=1):
-            axes[row, col].imshow(scene.image)
-            axes[row, col].imshow(upsampled_similarity(model, tokenizer, scene.image, prompt), cmap="jet", alpha=0.5)
-            axes[row, col].set_title(name, fontsize=8)
-        for ax in axes[row]:
-            ax.set_axis_off()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    rows = [HeatmapRow(scene.image, title=prompt, panels=[Panel(name, model, prompt) for name, model in models.items()])
+            for scene in scenes for prompt in [scene.captions.get("short", "a shape")]]
+    return plot_heatmaps(rows, path, tokenizer=tokenizer)
 
 
 def write_report(out: Path, *, images: dict[str, str], tables: dict[str, str], notes: Sequence[str] = ()) -> Path:

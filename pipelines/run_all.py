@@ -13,16 +13,13 @@ photos that ship with scikit-image, unless `source.images` names your own images
 
 from __future__ import annotations
 
-import dataclasses
 import io
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from pipelines import caption, cli, ingest, report, storage
-from pipelines.tracking import PARENT_ENV, MlflowSink, default_uri
+from pipelines import caption, cli, data, ingest, report, storage
+from pipelines.tracking import MlflowSink, TrackingConfig, default_uri
 from tipsv2 import config_tree
-from pipelines.tracking import TrackingConfig
 from pipelines.train.config import DistillJobConfig, PretrainJobConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig
 
@@ -91,21 +88,14 @@ def write_source(cfg: SourceConfig, out: str) -> dict[str, Any]:
             "images": images, "ground_truth": storage.join(out, "synthetic", "train", "ground_truth")}
 
 
-def train_tokenizer_step(captions_root: str, images_root: str, vocab: int, max_len: int, out: str) -> dict[str, Any]:
+def train_tokenizer_step(source: data.Source, vocab: int, max_len: int, out: str) -> dict[str, Any]:
+    """The tokenizer every training step shares, trained on the texts the trainer reads (pipelines.data)."""
     import tempfile
     from pathlib import Path
 
-    import pyarrow.parquet as pq
-
     from tipsv2.tokenizer import Tokenizer, train_tokenizer
 
-    texts: list[str] = []
-    for uri, columns in ((storage.join(captions_root, "captions"), None), (storage.join(images_root, "images"), ["alt_text"])):
-        fs, path = storage.filesystem(uri)
-        table = pq.read_table(path, filesystem=fs, columns=columns)
-        for name in table.column_names:
-            if name.startswith("caption_") or name == "alt_text":
-                texts += [t for t in table.column(name).to_pylist() if t]
+    texts = data.texts_for_tokenizer(data.read_texts(source))
     with tempfile.TemporaryDirectory() as tmp:
         local = train_tokenizer(texts, vocab_size=vocab, out_path=Path(tmp) / "tokenizer.model")
         Tokenizer(local, max_len=max_len)  # loads back
@@ -114,14 +104,14 @@ def train_tokenizer_step(captions_root: str, images_root: str, vocab: int, max_l
     return {"texts": len(texts), "vocab_size": vocab, "tokenizer": target}
 
 
-def evaluate_step(cfg: RunAllConfig, out: str, *, models: dict[str, str], tokenizer: str,
-                  data: str | None) -> dict[str, Any]:
+def evaluate_step(cfg: RunAllConfig, out: str, *, models: dict[str, str], tokenizer: str, eval_data: str | None,
+                  tracking: TrackingConfig) -> dict[str, Any]:
     from pipelines import evaluate
 
     results = {}
     for name, checkpoint in models.items():
-        ecfg = evaluate.EvaluateConfig(checkpoint=checkpoint, suite=cfg.evaluate_suite, data=data, tokenizer=tokenizer,
-                                       tracking=cfg.tracking)
+        ecfg = evaluate.EvaluateConfig(checkpoint=checkpoint, suite=cfg.evaluate_suite, data=eval_data, tokenizer=tokenizer,
+                                       tracking=tracking)
         results[name] = evaluate.run(ecfg, storage.join(out, name))["metrics"]
     return results
 
@@ -143,17 +133,17 @@ class Chain:
         if "parent_run_id" not in state:
             self.parent.log_params(config_tree.to_dict(cfg))
             storage.write_json(state_uri, {"parent_run_id": self.parent.run_id})
-        os.environ[PARENT_ENV] = self.parent.run_id
-        os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        # Every step is told where to log and under which parent, in its own config (nothing through the env).
+        self.tracking = replace(cfg.tracking, uri=self.uri, parent_run_id=self.parent.run_id)
         self.results: dict[str, Any] = {}
 
     def step(self, name: str, step_cfg: Any, action: Callable[[str], dict[str, Any]], *, own_run: bool = True) -> dict:
         out = storage.join(self.output, name)
         marker = storage.join(out, "step.json")
-        wanted = config_tree.to_dict(step_cfg) if dataclasses.is_dataclass(step_cfg) else step_cfg
-        if storage.exists(marker) and storage.read_json(marker).get("config") == wanted:
+        previous = cli.done_before(marker, step_cfg)
+        if previous is not None:
             print(f"[run_all] {name}: done before with this config, skipped")
-            self.results[name] = storage.read_json(marker)["result"]
+            self.results[name] = previous["result"]
             return self.results[name]
         print(f"[run_all] {name} ...", flush=True)
         clock = cli.Stopwatch()
@@ -163,7 +153,7 @@ class Chain:
                                parent_run_id=self.parent.run_id)
             child.log_metrics({k: float(v) for k, v in _numbers(result).items()}, step=0)
             child.close()
-        storage.write_json(marker, {"config": wanted, "result": result, "wall_s": clock.seconds()})
+        storage.write_json(marker, cli.done_record(step_cfg, result=result, wall_s=clock.seconds()))
         print(f"[run_all] {name}: {clock.seconds():.1f} s", flush=True)
         self.results[name] = result
         return result
@@ -197,21 +187,21 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
                           template=replace(cfg.caption.template, captions_path=source["ground_truth"]))
     chain.step("caption", caption_cfg, lambda out: _brief(caption.run(caption_cfg, out)))
     vocab, max_len = cfg.pretrain.data.tokenizer_vocab, cfg.pretrain.task.model.text.max_len
+    texts = data.Source(images=storage.join(root("ingest"), "images"), captions=storage.join(root("caption"), "captions"))
     tok = chain.step("tokenizer", {"vocab": vocab, "max_len": max_len, "caption": config_tree.to_dict(caption_cfg)},
-                     lambda out: train_tokenizer_step(root("caption"), root("ingest"), vocab, max_len, out))
-    data = dict(images=storage.join(root("ingest"), "images"), captions_uri=storage.join(root("caption"), "captions"),
-                tokenizer=tok["tokenizer"])
-    pre_cfg = replace(cfg.pretrain, data=replace(cfg.pretrain.data, **data), tracking=cfg.tracking)
+                     lambda out: train_tokenizer_step(texts, vocab, max_len, out))
+    data_cfg = dict(images=texts.images, captions_uri=texts.captions, tokenizer=tok["tokenizer"])
+    pre_cfg = replace(cfg.pretrain, data=replace(cfg.pretrain.data, **data_cfg), tracking=chain.tracking)
     chain.step("pretrain", pre_cfg, lambda out: _brief(train.run(train.Job.PRETRAIN, pre_cfg, out)), own_run=False)
     teacher = storage.join(root("pretrain"), "export")
-    dis_cfg = replace(cfg.distill, teacher=teacher, data=replace(cfg.distill.data, **data), tracking=cfg.tracking)
+    dis_cfg = replace(cfg.distill, teacher=teacher, data=replace(cfg.distill.data, **data_cfg), tracking=chain.tracking)
     chain.step("distill", dis_cfg, lambda out: _brief(train.run(train.Job.DISTILL, dis_cfg, out)), own_run=False)
     models = {"teacher": teacher, "student": storage.join(root("distill"), "export")}
     eval_data = cfg.evaluate_data or (storage.join(root("source"), "synthetic")
                                       if cfg.evaluate_suite == "synthetic" else None)
     evaluation = chain.step("evaluate", {"suite": cfg.evaluate_suite, "data": eval_data, "models": models},
                             lambda out: evaluate_step(cfg, out, models=models, tokenizer=tok["tokenizer"],
-                                                      data=eval_data), own_run=False)
+                                                      eval_data=eval_data, tracking=chain.tracking), own_run=False)
     if "://" not in output:
         chain.step("report", {"models": models}, lambda out: report.build_report(output), own_run=False)
     chain.parent.log_metrics({f"{m}/{k}": v for m, r in evaluation.items() for k, v in r.items()}, step=0)

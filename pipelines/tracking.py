@@ -37,7 +37,6 @@ SECRET_KEY = re.compile(r"(secret|password|passwd|credential|api[_-]?key|access[
                         r"(^|[._-])token($|[._-]))", re.I)
 SECRET_VALUE = re.compile(r"(AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|://[^/\s:@]+:[^/\s@]+@)")
 REDACTED = "***"
-PARENT_ENV = "TIPSV2_PARENT_RUN_ID"
 COMMIT_ENV = "TIPSV2_GIT_COMMIT"
 SYSTEM_METRICS_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -49,6 +48,7 @@ class TrackingConfig:
     uri: str | None = None                # MLflow tracking URI; None = MLFLOW_TRACKING_URI or sqlite under the output
     experiment: str = "tipsv2"
     run_name: str | None = None
+    parent_run_id: str | None = None      # nest this run under that one (run_all sets it for its steps)
 
 
 def git_commit(directory: Path = REPOSITORY) -> str | None:
@@ -222,12 +222,12 @@ def open_sink(cfg: TrackingConfig, *, output_root: str | None, rank: int = 0, ru
               parent_run_id: str | None = None) -> MetricsSink:
     """The sink for this process: MLflow on rank 0, NullSink elsewhere.
 
-    A run started inside `pipelines.run_all` becomes a child of its parent run: run_all exports
-    TIPSV2_PARENT_RUN_ID (and MLFLOW_TRACKING_URI) to every step.
+    A run started inside `pipelines.run_all` becomes a child of its parent run: run_all hands every step
+    its tracking config with `uri` and `parent_run_id` set.
     """
     if rank != 0:
         return NullSink()
-    parent_run_id = parent_run_id or os.environ.get(PARENT_ENV) or None
+    parent_run_id = parent_run_id or cfg.parent_run_id
     offline = output_root if output_root and "://" not in output_root else None
     return MlflowSink(uri=cfg.uri or default_uri(output_root), experiment=cfg.experiment, run_name=cfg.run_name,
                       run_id=run_id, parent_run_id=parent_run_id, offline_dir=offline)

@@ -32,7 +32,9 @@ def ray_local(s3_endpoint):
     if not ray.is_initialized():
         # Idle workers kept warm (Ray's default keeps num_cpus of them): the trainer tests' Ray Data tasks
         # then reuse processes that imported torch already; measured 72 -> 59 s per later 4-step run.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # address="local": always a Ray of our own, never one a `ray start` on this machine left in
+        # /tmp/ray/ray_current_cluster (which a plain ray.init() would join).
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
                  _system_config={"num_workers_soft_limit": 12})
     yield ray
     ray.shutdown()
@@ -105,9 +107,9 @@ def train_zero2_reference(ray_local, mlflow_server, train_cfg, tmp_path_factory)
     """An uninterrupted Ray Train + DeepSpeed ZeRO-2 run, 2 workers, tracked on the MLflow server (experiment
     REFERENCE_EXPERIMENT): the reference of the loop-equivalence, resume and S3 tests, and the run the
     MLflow test inspects. Returns (output, history, summary)."""
-    from pipelines.train import Job, Knobs, read_history, run
+    from pipelines.train import Job, NoFaults, read_history, run
 
     output = str(tmp_path_factory.mktemp("train_zero2_reference"))
     cfg = train_cfg("engine.zero_stage=2", f"tracking.uri={mlflow_server[1]}", f"tracking.experiment={REFERENCE_EXPERIMENT}")
-    summary = run(Job.PRETRAIN, cfg, output, knobs=Knobs())
+    summary = run(Job.PRETRAIN, cfg, output, faults=NoFaults())
     return output, read_history(output), summary

@@ -97,3 +97,21 @@ def test_set_one_key_of_a_dict_field_keeps_the_others_and_reads_literals():
     assert cfg.weights == {"short": 0.5, "long": 1.0}
     whole = config_tree.override(Engine(), 'engine_kwargs={"max_model_len": 512}')
     assert whole.engine_kwargs == {"max_model_len": 512}   # the whole dict, given as JSON, replaces it
+
+
+def test_done_before_returns_the_record_of_the_same_config_only(tmp_path):
+    """The one skip-if-done rule (pipelines.cli): a record holds its config as JSON stores it."""
+    from pipelines import cli, storage
+    from pipelines.train.config import preset
+
+    cfg = preset("tiny")
+    uri = str(tmp_path / "summary.json")
+    assert cli.done_before(uri, cfg) is None                                   # nothing recorded yet
+    storage.write_json(uri, cli.done_record(cfg, result={"loss": 1.5}, complete=True))
+    assert cli.done_before(uri, cfg)["result"] == {"loss": 1.5}               # enums and tuples compare as stored
+    assert cli.done_before(uri, config_tree.override(cfg, "steps=31")) is None
+    steps = {"suite": "synthetic", "models": {"a": "x"}, "sizes": (1, 2)}      # the chain's dict configs
+    storage.write_json(uri, cli.done_record(steps, result={}))
+    assert cli.done_before(uri, steps) == {"config": {"suite": "synthetic", "models": {"a": "x"}, "sizes": [1, 2]},
+                                           "result": {}}
+    assert cli.done_before(uri, {**steps, "suite": "coco"}) is None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from pipelines import compare
-from pipelines.tracking import REDACTED, MlflowSink, NullSink, flatten, open_sink
-from pipelines.tracking import TrackingConfig
+from pipelines.tracking import REDACTED, MlflowSink, NullSink, TrackingConfig, flatten, open_sink
 
 
 def test_flatten_redacts_secrets():
@@ -120,3 +120,23 @@ def test_system_metrics_when_asked(uri, monkeypatch):
     quiet = MlflowSink(uri=uri, experiment="context", run_name="quiet")
     quiet.close()
     assert quiet.monitor is None
+
+
+def test_the_chain_hands_each_step_its_tracking_in_its_config_not_the_environment(tmp_path, uri, monkeypatch):
+    """run_all's steps log under its parent run because their configs say so; the process env is untouched."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.run_all import PRESETS, Chain
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = dict(os.environ)
+    cfg = PRESETS["tiny"]()
+    chain = Chain(dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=uri)), str(tmp_path))
+    assert dict(os.environ) == before
+    assert (chain.tracking.uri, chain.tracking.parent_run_id) == (uri, chain.parent.run_id)
+    child = open_sink(chain.tracking, output_root=str(tmp_path))
+    child.close()
+    assert MlflowClient(uri).get_run(child.run_id).data.tags["mlflow.parentRunId"] == chain.parent.run_id
+    chain.parent.close()

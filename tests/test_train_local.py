@@ -1,4 +1,4 @@
-"""The single-process path (`--local`), the data order of pipelines/data.py, and the FLOPs estimate."""
+"""The single-process path (`--local`), the data order of pipelines/stream.py, and the FLOPs estimate."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipelines import data
+from pipelines import stream as rank_stream
 from pipelines.distill import split_teacher
 from pipelines.pretrain import split_local
 from pipelines.train import read_history
@@ -27,7 +28,7 @@ def test_rank_positions_cut_the_loop_order_into_rank_slices(world, batch_size):
     order = epoch_order(n, seed=seed, epoch=epoch)
     size = world * batch_size
     for rank in range(world):
-        positions = data.rank_positions(n, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
+        positions = rank_stream.rank_positions(n, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=batch_size,
                                         start_batch=1)
         expected = [p for k in range(1, n // size) for p in range(k * size + rank * batch_size,
                                                                      k * size + (rank + 1) * batch_size)]
@@ -36,15 +37,15 @@ def test_rank_positions_cut_the_loop_order_into_rank_slices(world, batch_size):
 
 
 def test_sort_boundaries_split_evenly_and_never_leave_ray_to_sample():
-    assert data.sort_boundaries(list(range(10)), rows_per_partition=4) == [3, 6]
-    assert data.sort_boundaries(list(range(3)), rows_per_partition=4) == [1]
-    assert data.sort_boundaries([], rows_per_partition=4) == [0]
+    assert rank_stream.sort_boundaries(list(range(10)), rows_per_partition=4) == [3, 6]
+    assert rank_stream.sort_boundaries(list(range(3)), rows_per_partition=4) == [1]
+    assert rank_stream.sort_boundaries([], rows_per_partition=4) == [0]
 
 
 def test_micro_batches_per_epoch_needs_one_global_batch():
-    assert data.micro_batches_per_epoch(33, batch_size=4, world=2) == 4
+    assert rank_stream.micro_batches_per_epoch(33, batch_size=4, world=2) == 4
     with pytest.raises(ValueError, match="at least batch_size x workers = 8 rows, got 7"):
-        data.micro_batches_per_epoch(7, batch_size=4, world=2)
+        rank_stream.micro_batches_per_epoch(7, batch_size=4, world=2)
 
 
 def test_cli_flags():
@@ -178,23 +179,23 @@ def test_parquet_pieces_are_every_row_group_once_and_read_back_every_wanted_row(
     source = data.prepare_source(train_cfg().data, output)
     whole = pq.read_table(source.images, columns=["id", "image"])
     split = split_parquet(source.images, tmp_path / "split", files=3, row_group_rows=5)
-    pieces = data.parquet_pieces(split)
+    pieces = rank_stream.parquet_pieces(split)
     per_file = -(-whole.num_rows // 3)
     sizes = [per_file] * 2 + [whole.num_rows - 2 * per_file]
     assert len(pieces) == sum(-(-n // 5) for n in sizes)
     assert len({(p["path"], p["row_group"]) for p in pieces}) == len(pieces)
-    assert data.parquet_pieces(str(tmp_path / "split" / "part-0.parquet")) == [p for p in pieces
+    assert rank_stream.parquet_pieces(str(tmp_path / "split" / "part-0.parquet")) == [p for p in pieces
                                                                               if p["path"].endswith("part-0.parquet")]
     ids = whole.column("id").to_pylist()
     wanted = {ids[i]: 100 + i for i in range(0, len(ids), 3)}
     import pyarrow as pa
     fs, _ = data.storage.filesystem(split)
-    got = data._read_pieces(pa.Table.from_pylist(pieces), filesystem=fs, wanted=wanted)
+    got = rank_stream._read_pieces(pa.Table.from_pylist(pieces), filesystem=fs, wanted=wanted)
     assert sorted(zip(got.column("id").to_pylist(), got.column("position").to_pylist())) == sorted(wanted.items())
     images = dict(zip(ids, whole.column("image").to_pylist()))
     assert all(images[i] == b for i, b in zip(got.column("id").to_pylist(), got.column("image").to_pylist()))
     with pytest.raises(ValueError, match="no Parquet at"):
-        data.parquet_pieces(str(tmp_path / "nothing"))
+        rank_stream.parquet_pieces(str(tmp_path / "nothing"))
 
 
 @pytest.mark.slow
@@ -215,12 +216,12 @@ def test_ray_data_rank_streams_concatenate_to_the_loop_batches(ray_local, train_
                                                                   row_group_rows=5))
     texts = data.read_texts(source)
     tokenizer = Tokenizer(f"{output}/tokenizer/spm.model", max_len=32)
-    spec = data.StreamSpec(batch_size=4, seed=cfg.seed, crops=cfg.data.crops, captions=cfg.data.captions,
+    spec = rank_stream.StreamSpec(batch_size=4, seed=cfg.seed, crops=cfg.data.crops, captions=cfg.data.captions,
                            masking=cfg.data.masking, patch_size=14)
     ref, ids = ray.put(texts), texts.column("id").to_pylist()
     ranks = []
     for rank in range(2):   # from the second global batch, as a resumed run would
-        stream = data.RankStream(source, ids=ids, texts_ref=ref, spec=spec, tokenizer=tokenizer, rank=rank, world=2,
+        stream = rank_stream.RankStream(source, ids=ids, texts_ref=ref, spec=spec, tokenizer=tokenizer, rank=rank, world=2,
                                  start_micro=1)
         ranks.append([next(stream) for _ in range(2)])
         stream.close()
@@ -291,10 +292,10 @@ def test_progress_prints_a_bar_every_interval_and_at_the_end():
 def test_bf16_checkpoints_hold_the_ema_masters_and_a_restore_puts_them_back(train_cfg):
     """16-bit training keeps the EMA on float32 masters: the checkpoint's teacher state is theirs (not the
     rounded bf16 teacher), and loading it restores masters and teacher alike."""
-    from pipelines.train import Job, build_task, ema_masters, ema_parameters, load_teacher_tensors, teacher_tensors
+    from pipelines.train import Job, ema_masters, ema_parameters, load_teacher_tensors, teacher_tensors
 
     def bf16_task():
-        task = build_task(Job.PRETRAIN, train_cfg())
+        task = Job.PRETRAIN.train.build_task(train_cfg())
         for p in task.parameters():          # as DeepSpeed casts a bf16 module: parameters only
             p.data = p.data.to(torch.bfloat16)
         task.keep_ema_masters()

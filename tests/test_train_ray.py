@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from pipelines.train import Job, Knobs, export_parts, read_history, run
+from pipelines.train import Job, NoFaults, read_history, run
 from tests.training import assert_same_losses
 from tipsv2.checkpoint import load_export
 from pipelines.train.config import distill_preset
@@ -43,10 +43,9 @@ def test_zero3_matches_the_loop_and_its_ema_moves_the_partitioned_teacher(ray_lo
     """Momentum 0.5 so the EMA is visible: ZeRO-3's teacher heads must equal the loop's, and differ from init."""
     local_cfg = train_cfg("data.batch_size=8", "engine.workers=1", *EMA_SETS)
     run(Job.PRETRAIN, local_cfg, str(tmp_path / "local"), local=True)
-    run(Job.PRETRAIN, train_cfg("engine.zero_stage=3", *EMA_SETS), str(tmp_path / "zero3"), knobs=Knobs())
+    run(Job.PRETRAIN, train_cfg("engine.zero_stage=3", *EMA_SETS), str(tmp_path / "zero3"), faults=NoFaults())
     assert_same_losses(read_history(str(tmp_path / "zero3")), read_history(str(tmp_path / "local")))
-    from pipelines.train import build_task
-    initial = build_task(Job.PRETRAIN, local_cfg).teacher_patch_head
+    initial = Job.PRETRAIN.train.build_task(local_cfg).teacher_patch_head
     _, _, zero3_patch = load_export(tmp_path / "zero3" / "export")
     _, _, local_patch = load_export(tmp_path / "local" / "export")
     for name, got in zero3_patch.state_dict().items():
@@ -64,7 +63,7 @@ def test_distillation_through_ray_zero1_matches_the_local_distillation_loop(ray_
     sets = (f"teacher={teacher}",)
     run(Job.DISTILL, train_cfg("data.batch_size=8", "engine.workers=1", *sets, base=distill_preset_tiny),
         "local", local=True)
-    run(Job.DISTILL, train_cfg("engine.zero_stage=1", *sets, base=distill_preset_tiny), "ray", knobs=Knobs())
+    run(Job.DISTILL, train_cfg("engine.zero_stage=1", *sets, base=distill_preset_tiny), "ray", faults=NoFaults())
     got, expected = read_history(str(tmp_path / "ray")), read_history(str(tmp_path / "local"))
     assert len(got) == 4
     assert_same_losses(got, expected)
@@ -83,7 +82,7 @@ def test_bf16_keeps_float32_masters_and_exports_them(ray_local, train_cfg, train
     from pipelines.train import DS_TAG, TEACHER_STATE, latest_checkpoint
 
     output = str(tmp_path / "bf16")
-    run(Job.PRETRAIN, train_cfg(f"engine.zero_stage={stage}", "engine.precision=bf16"), output, knobs=Knobs())
+    run(Job.PRETRAIN, train_cfg(f"engine.zero_stage={stage}", "engine.precision=bf16"), output, faults=NoFaults())
     rows, fp32_rows = read_history(output), train_zero2_reference[1]
     assert len(rows) == 4 and rows[-1]["engine/skipped_steps"] == 0   # no loss scaling in bf16
     for row, fp32_row in zip(rows, fp32_rows, strict=True):   # measured: 0.16 % apart at most
@@ -112,9 +111,8 @@ def distill_preset_tiny():
 
 
 def test_export_parts_are_the_teacher_heads_when_pretraining(train_cfg):
-    from pipelines.train import build_task
     cfg = train_cfg()
-    task = build_task(Job.PRETRAIN, cfg)
-    model, dino, patch, head_cfg = export_parts(task, cfg)
+    task = Job.PRETRAIN.train.build_task(cfg)
+    model, dino, patch, head_cfg = Job.PRETRAIN.train.export_parts(task, cfg)
     assert model is task.model and dino is task.teacher_dino_head and patch is task.teacher_patch_head
     assert head_cfg == cfg.task.head

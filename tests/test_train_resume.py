@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.train import Job, Knobs, latest_checkpoint, read_history, read_trainer_state, run
+from pipelines.train import InjectedFaults, Job, NoFaults, latest_checkpoint, read_history, read_trainer_state, run
 from tests.training import assert_identical
 from tipsv2.loop import NonFiniteLoss
 
@@ -21,13 +21,13 @@ def test_nonfinite_loss_stops_cleanly_and_a_rerun_resumes_the_same_run(ray_local
     output = str(tmp_path / "nan")
     cfg = train_cfg("engine.zero_stage=2")
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at step 3 in \['loss/total'\]"):
-        run(Job.PRETRAIN, cfg, output, knobs=Knobs(nan_at_step=3))
+        run(Job.PRETRAIN, cfg, output, faults=InjectedFaults(nan_at_step=3))
     checkpoint = latest_checkpoint(output)
     state = read_trainer_state(checkpoint)
     assert checkpoint.endswith("step_00000002") and state.step == 2 and len(state.history) == 2
     # The job died; the same command again resumes from step 2 and reattaches the MLflow run.
-    summary = run(Job.PRETRAIN, cfg, output, knobs=Knobs())
+    summary = run(Job.PRETRAIN, cfg, output, faults=NoFaults())
     assert summary["mlflow_run_id"] == state.run_id
     assert_identical(read_history(output), train_zero2_reference[1])
     # And once more: the run is complete, nothing to do.
-    assert run(Job.PRETRAIN, cfg, output, knobs=Knobs())["wall_s"] == summary["wall_s"]
+    assert run(Job.PRETRAIN, cfg, output, faults=NoFaults())["wall_s"] == summary["wall_s"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines import storage
-from pipelines.train import Job, Knobs, latest_checkpoint, local_copy, read_history, run
+from pipelines.train import InjectedFaults, Job, latest_checkpoint, local_copy, read_history, run
 from tests.training import assert_identical
 from tipsv2.checkpoint import load_export
 
@@ -19,7 +19,7 @@ def test_a_killed_worker_resumes_from_its_s3_checkpoint_with_identical_losses(ra
     output = "s3://tipsv2-test/train-run"
     cfg = train_cfg("engine.zero_stage=2", "engine.max_failures=1",
                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
-    summary = run(Job.PRETRAIN, cfg, output, knobs=Knobs(fail_at_step=3))
+    summary = run(Job.PRETRAIN, cfg, output, faults=InjectedFaults(fail_at_step=3))
     assert summary["complete"] and storage.exists(f"{output}/_failed_once_at_3"), "the worker was never killed"
     # Restarted from the step-2 checkpoint on S3: DeepSpeed state, EMA teacher, RNG and data position.
     assert_identical(read_history(output), train_zero2_reference[1])

@@ -134,6 +134,15 @@ class DistillTask(nn.Module):
             follow_center(self.patch_center, patch_logits, cfg.patch, self.reduce_mean)
         return losses
 
+    # The teacher is frozen: no EMA, so the EMA interface TIPSv2Task has is empty here.
+    ema_masters: list[list[Tensor]] | None = None
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return []
+
+    def keep_ema_masters(self, gathered: object = None) -> None:
+        """Nothing to keep: no parameter of this task follows an EMA."""
+
     def update_teacher(self, **_: object) -> float:
         """The teacher is frozen: nothing to update (same interface as TIPSv2Task)."""
         return 1.0

@@ -28,21 +28,25 @@ from tipsv2.tokenizer import Tokenizer
 TeacherHeads = tuple[DinoHead, DinoHead] | None   # (DINO head, patch head); None for released encoders
 
 
-def build_distill_task(cfg: DistillConfig, *, teacher: TIPSModel, teacher_heads: TeacherHeads) -> DistillTask:
+def build_distill_task(cfg: DistillConfig, *, teacher: TIPSModel, teacher_heads: TeacherHeads,
+                       student: TIPSModel | None = None, **collectives) -> DistillTask:
+    """Seeded by cfg.seed, so every rank (and the local loop) builds the same student."""
     dino_head, patch_head = teacher_heads if teacher_heads is not None else (None, None)
-    return DistillTask(cfg.task, teacher=teacher, teacher_dino_head=dino_head, teacher_patch_head=patch_head)
+    torch.manual_seed(cfg.seed)
+    return DistillTask(cfg.task, teacher=teacher, teacher_dino_head=dino_head, teacher_patch_head=patch_head,
+                       student=student, **collectives)
 
 
 def distill_local(cfg: DistillConfig, *, teacher: TIPSModel, teacher_heads: TeacherHeads,
-                  records: Sequence[Record], tokenizer: Tokenizer,
+                  records: Sequence[Record], tokenizer: Tokenizer, student: TIPSModel | None = None,
                   on_step: Callable[[int, dict[str, float]], None] | None = None) -> LocalResult:
     """Distil for `cfg.steps` steps in this process; deterministic for a given cfg.seed.
 
     The teacher (and its heads) are copied frozen into the task: the objects passed in are never
-    modified. `result.task` is the DistillTask; the student is `result.task.student`.
+    modified. `student` starts the student from a model (`student_init`); None = random init.
+    `result.task` is the DistillTask; the student is `result.task.student`.
     """
-    torch.manual_seed(cfg.seed)
-    task = build_distill_task(cfg, teacher=teacher, teacher_heads=teacher_heads)
+    task = build_distill_task(cfg, teacher=teacher, teacher_heads=teacher_heads, student=student)
     vision = cfg.task.student.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer,
                      masked=False)

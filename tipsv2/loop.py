@@ -96,11 +96,19 @@ def scalars(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
+Init = tuple[TIPSModel, DinoHead | None, DinoHead | None]   # a model to start from: (model, DINO head, patch head)
+
+
 class Steppable(Protocol):
-    """TIPSv2Task or DistillTask: forward(batch, step) -> losses; update_teacher after the optimiser step."""
+    """TIPSv2Task or DistillTask: forward(batch, step) -> losses; update_teacher after the optimiser step;
+    ema_pairs() the (teacher, student) modules an EMA ties (none for the frozen distillation teacher)."""
+    ema_masters: list[list[torch.Tensor]] | None   # float32 copies of the EMA teacher, once keep_ema_masters ran
+
     def __call__(self, batch: Batch, step: int) -> dict[str, torch.Tensor]: ...
     def update_teacher(self, *, step: int, total_steps: int) -> float: ...
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+    def ema_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]: ...
+    def keep_ema_masters(self, gathered=...) -> None: ...
 
 
 @dataclass
@@ -138,15 +146,22 @@ def fit(task: Steppable, *, stream: Iterator[tuple[int, Batch]], optim: OptimCon
     return result
 
 
-def train_local(cfg: PretrainConfig, *, records: Sequence[Record], tokenizer: Tokenizer,
-                on_step: Callable[[int, dict[str, float]], None] | None = None,
-                init: tuple[TIPSModel, DinoHead | None, DinoHead | None] | None = None) -> LocalResult:
-    """Pretrain `cfg.steps` steps in this process; deterministic for a given cfg.seed. `init`: (model, DINO
-    head, patch head) of an export to start from (what `cfg.init` names, loaded by the caller)."""
+def build_pretrain_task(cfg: PretrainConfig, *, init: Init | None = None, **collectives) -> TIPSv2Task:
+    """Seeded by cfg.seed, so every rank (and the local loop) builds the same task; `init`: (model, DINO head,
+    patch head) of an export to start from (what `cfg.init` names, loaded by the caller)."""
     torch.manual_seed(cfg.seed)
-    task = TIPSv2Task(cfg.task)
+    task = TIPSv2Task(cfg.task, **collectives)
     if init is not None:
         task.initialise_from(*init)
+    return task
+
+
+def train_local(cfg: PretrainConfig, *, records: Sequence[Record], tokenizer: Tokenizer,
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                init: Init | None = None) -> LocalResult:
+    """Pretrain `cfg.steps` steps in this process; deterministic for a given cfg.seed. `init`: (model, DINO
+    head, patch head) of an export to start from (what `cfg.init` names, loaded by the caller)."""
+    task = build_pretrain_task(cfg, init=init)
     vision = cfg.task.model.vision
     stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=vision.patch_size, tokenizer=tokenizer)
     return fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),

@@ -89,7 +89,7 @@ def task_parameter_count(task_cfg: TaskConfig | DistillTaskConfig, teacher: Mode
     with torch.device("meta"):
         task = build_meta_task(task_cfg, teacher)
     unique = {id(p): p for p in task.parameters()}.values()
-    ema_ids = {id(p) for module, _ in getattr(task, "ema_pairs", lambda: [])() for p in module.parameters()}
+    ema_ids = {id(p) for module, _ in task.ema_pairs() for p in module.parameters()}
     return ParameterCount(trained=sum(p.numel() for p in unique if p.requires_grad),
                           frozen=sum(p.numel() for p in unique if not p.requires_grad),
                           ema=sum(p.numel() for p in unique if id(p) in ema_ids))

@@ -5,7 +5,7 @@
     driver   config.json, data (synthetic Parquet if none), tokenizer, MLflow run, TorchTrainer.fit
     worker   TIPSv2Task / DistillTask -> deepspeed.initialize (ZeRO 0-3, fp32/bf16/fp16, accumulation,
              clipping, torch AdamW on tipsv2.optim.param_groups with the LR schedule set every step)
-             -> steps over data.RankStream -> DeepSpeed checkpoints from every rank into Ray Train's
+             -> steps over stream.RankStream -> DeepSpeed checkpoints from every rank into Ray Train's
              storage (<output>/ray/train/step_XXXXXXXX) -> export on rank 0 (<output>/export/)
 
 One file per concern; imports run driver -> worker -> the rest -> tipsv2:
@@ -15,7 +15,9 @@ One file per concern; imports run driver -> worker -> the rest -> tipsv2:
     worker.py      Worker (one Ray Train rank: engine, steps, checkpoints, export) and train_worker
     zero.py        every DeepSpeed fact: its config, `Zero` (what the stage means), masters, 0.19 patches
     checkpoint.py  checkpoint layout, trainer and RNG state, EMA teacher tensors, history
-    jobs.py        Job, Plan, Knobs, load_teacher, build_task, export_parts, the EMA teacher's parameters
+    jobs.py        Job and its TrainJob (PretrainJob, DistillJob: build_task, train_local, export_parts,
+                   teacher_vision), Plan, the Faults hook, load_teacher, the EMA teacher's tensors
+    config.py      the job roots (recipe + engine + tracking), EngineConfig, the presets' engines
     export.py      <output>/export and heatmaps
     perf.py        Progress, live_tensor_mb, peak_rss_mb
 
@@ -34,8 +36,9 @@ ranks, lr, temperature, EMA momentum, images/s and an MFU estimate (analytic FLO
 table for known GPUs, a timed matmul on CPU, or TIPSV2_PEAK_FLOPS). Artifacts: config, the exported
 model, patch-text similarity heatmaps of a few validation images.
 
-Test-only fault injection (environment of the driver, handed to the workers): TIPSV2_FAIL_AT_STEP=k
-makes the last rank exit hard once at step k; TIPSV2_NAN_AT_STEP=k makes the loss of step k NaN.
+Test-only fault injection is one hook object, `run(..., faults=InjectedFaults(...))`, or from the driver's
+environment: TIPSV2_FAIL_AT_STEP=k makes the last rank exit hard once at step k; TIPSV2_NAN_AT_STEP=k makes
+the loss of step k NaN. The worker calls the hook at the start of every step and on its losses.
 """
 
 from pipelines.train.checkpoint import (DS_TAG, HISTORY_FILE, RUN_NAME, STOP_FILE, TEACHER_STATE, TRAINER_STATE,
@@ -43,12 +46,15 @@ from pipelines.train.checkpoint import (DS_TAG, HISTORY_FILE, RUN_NAME, STOP_FIL
                                         read_trainer_state, teacher_tensors)
 from pipelines.train.driver import prepare_tokenizer, rank_request, run
 from pipelines.train.export import EXPORT_DIR, HF_DIR
-from pipelines.train.jobs import (Job, Knobs, Plan, build_task, ema_masters, ema_parameters, export_parts,
+from pipelines.train.config import (DISTILL_PRESETS, PRESETS, DistillJobConfig, EngineConfig, JobConfig,
+                                    PretrainJobConfig, distill_preset, preset)
+from pipelines.train.jobs import (Faults, InjectedFaults, Job, NoFaults, Plan, TrainJob, ema_masters, ema_parameters,
                                   load_teacher, local_copy)
 from pipelines.train.perf import Progress, live_tensor_mb
 from pipelines.train.worker import Worker
 
-__all__ = ["DS_TAG", "EXPORT_DIR", "HF_DIR", "HISTORY_FILE", "RUN_NAME", "STOP_FILE", "TEACHER_STATE", "TRAINER_STATE",
-           "Job", "Knobs", "Plan", "Progress", "TrainerState", "Worker", "build_task", "ema_masters", "ema_parameters",
-           "export_parts", "latest_checkpoint", "live_tensor_mb", "load_teacher", "load_teacher_tensors", "local_copy",
+__all__ = ["DISTILL_PRESETS", "DS_TAG", "EXPORT_DIR", "HF_DIR", "HISTORY_FILE", "PRESETS", "RUN_NAME", "STOP_FILE",
+           "TEACHER_STATE", "TRAINER_STATE", "DistillJobConfig", "EngineConfig", "Faults", "InjectedFaults", "Job",
+           "JobConfig", "NoFaults", "Plan", "PretrainJobConfig", "Progress", "TrainJob", "TrainerState", "Worker",
+           "distill_preset", "ema_masters", "ema_parameters", "preset", "latest_checkpoint", "live_tensor_mb", "load_teacher", "load_teacher_tensors", "local_copy",
            "prepare_tokenizer", "rank_request", "read_history", "read_trainer_state", "run", "teacher_tensors"]

@@ -23,7 +23,7 @@ from pipelines.tracking import open_sink
 from pipelines.train.checkpoint import (HISTORY_FILE, RUN_NAME, STOP_FILE, latest_checkpoint, read_history,
                                         read_trainer_state)
 from pipelines.train.export import EXPORT_DIR
-from pipelines.train.jobs import Job, Knobs, Plan
+from pipelines.train.jobs import Faults, InjectedFaults, Job, Plan
 from pipelines.train.local import train_here
 from pipelines.train.worker import train_worker
 from tipsv2 import config_tree
@@ -105,15 +105,13 @@ def check_same_config(output: str, cfg: JobConfig, *, resuming: bool) -> None:
                          "resume with the same config or train into a new --output")
 
 
-def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, knobs: Knobs | None = None) -> dict[str, Any]:
+def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: Faults | None = None) -> dict[str, Any]:
     """Train `cfg` into `output` (local path or s3://); resumes or skips a previous run there."""
     clock = cli.Stopwatch()
-    summary_uri = storage.join(output, cli.SUMMARY_FILE)
-    if storage.exists(summary_uri):
-        previous = storage.read_json(summary_uri)
-        if previous.get("complete") and previous.get("config") == config_tree.to_dict(cfg):
-            print(f"{job.value}: {output} already holds a finished run of this config; nothing to do")
-            return previous
+    previous = cli.done_before(storage.join(output, cli.SUMMARY_FILE), cfg)
+    if previous is not None and previous.get("complete"):
+        print(f"{job.value}: {output} already holds a finished run of this config; nothing to do")
+        return previous
     resume_from = None if local else latest_checkpoint(output)
     check_same_config(output, cfg, resuming=resume_from is not None)
     cli.write_resolved_config(output, cfg)
@@ -136,16 +134,16 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, knobs: Kn
         else:
             history = train_distributed(job, cfg, output=output, source=source, texts=texts, tokenizer=tokenizer,
                                         run_id=sink.run_id, tracking_uri=getattr(sink, "uri", None),
-                                        resume_from=resume_from, knobs=knobs or Knobs.from_env())
+                                        resume_from=resume_from, faults=faults or InjectedFaults.from_env())
     except BaseException:
         sink.close("FAILED")
         raise
-    summary = {"job": job.value, "complete": True, "config": config_tree.to_dict(cfg), "engine": "local" if local else "ray",
+    summary = cli.done_record(cfg, job=job.value, complete=True, engine="local" if local else "ray", **{
                "read": dataclasses.asdict(source), "rows": len(texts), "steps": len(history),
                "final": {k: v for k, v in history[-1].items() if k.startswith("loss/")} if history else {},
                "written": {"export": storage.join(output, EXPORT_DIR), "history": storage.join(output, HISTORY_FILE),
                            "checkpoints": storage.join(output, "ray", RUN_NAME)},
-               "mlflow_run_id": sink.run_id, "wall_s": clock.seconds()}
+               "mlflow_run_id": sink.run_id, "wall_s": clock.seconds()})
     cli.write_summary(output, summary)
     sink.close()
     return summary
@@ -153,13 +151,13 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, knobs: Kn
 
 def train_distributed(job: Job, cfg: JobConfig, *, output: str, source: data.Source, texts, tokenizer: str,
                       run_id: str | None, tracking_uri: str | None, resume_from: str | None,
-                      knobs: Knobs) -> list[dict[str, float]]:
+                      faults: Faults) -> list[dict[str, float]]:
     import ray
 
     cli.init_ray(0 if cfg.engine.use_gpu else local_ray_cpus(cfg))   # GPU machines: Ray counts the CPUs
     plan = Plan(job=job, cfg=cfg, output=output, source=source, ids=texts.column("id").to_pylist(),
                 texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id, tracking_uri=tracking_uri,
-                resume_from=resume_from, knobs=knobs)
+                resume_from=resume_from, faults=faults)
     stop = storage.join(output, STOP_FILE)
     storage.delete(stop)
     fit(plan)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from pipelines import data, storage
+from pipelines.heatmaps import HeatmapRow, Panel, plot_heatmaps
 from pipelines.tracking import MetricsSink
 from tipsv2.checkpoint import save_export
-from tipsv2.eval.features import patch_text_similarity
 from tipsv2.models.config import ModelConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
 from tipsv2.models.hf import export_hf
@@ -44,6 +44,16 @@ def cpu_copies(model_state: dict[str, torch.Tensor], dino_state: dict[str, torch
     return fresh_model, heads[0], heads[1]
 
 
+def validation_row(model: TIPSModel, record, image_size: int) -> HeatmapRow:
+    """A validation image at the training size, with a panel for each of (up to 3 of) its alt-text's phrases."""
+    from tipsv2.data.batch import decode_image
+    from tipsv2.eval.features import resize_center_crop
+
+    image = resize_center_crop(decode_image(record.image, example_id=record.id), image_size)
+    texts = [t.strip() for t in (record.alt_text or "an object").split(",") if t.strip()][:3]
+    return HeatmapRow(image, title=record.id[:12], panels=[Panel(text, model, text) for text in texts])
+
+
 def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head: DinoHead, *,
                  head_cfg: DinoHeadConfig, sink: MetricsSink, tokenizer: Tokenizer, source: data.Source,
                  image_size: int) -> str:
@@ -57,7 +67,8 @@ def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head:
         heatmaps = Path(tmp) / "heatmaps"
         heatmaps.mkdir()
         for index, record in enumerate(data.read_validation(source, HEATMAP_IMAGES)):
-            plot_heatmap(model, tokenizer, record, image_size=image_size, path=heatmaps / f"heatmap_{index}.png")
+            plot_heatmaps([validation_row(model, record, image_size)], heatmaps / f"heatmap_{index}.png",
+                          tokenizer=tokenizer, dpi=80, size=3.0)
         target = storage.join(output, EXPORT_DIR)
         for path in sorted(root.rglob("*")):
             if path.is_file():
@@ -67,30 +78,3 @@ def write_export(output: str, model: TIPSModel, dino_head: DinoHead, patch_head:
         sink.log_artifact(root, EXPORT_DIR)
         sink.log_artifact(heatmaps, "heatmaps")
     return target
-
-
-@torch.no_grad()
-def plot_heatmap(model: TIPSModel, tokenizer: Tokenizer, record, *, image_size: int, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tipsv2.data.batch import decode_image
-    from tipsv2.eval.features import resize_center_crop, to_tensor
-
-    image = resize_center_crop(decode_image(record.image, example_id=record.id), image_size)
-    texts = [t.strip() for t in (record.alt_text or "an object").split(",") if t.strip()][:3]
-    maps = patch_text_similarity(model, tokenizer, to_tensor(image), texts)
-    figure, axes = plt.subplots(1, 1 + len(texts), figsize=(3 * (1 + len(texts)), 3))
-    axes[0].imshow(image)
-    axes[0].set_title(record.id[:12])
-    for axis, text, values in zip(axes[1:], texts, maps):
-        axis.imshow(image)
-        axis.imshow(values.numpy(), cmap="jet", alpha=0.5, extent=(0, image_size, image_size, 0),
-                    interpolation="bilinear")
-        axis.set_title(text[:30])
-    for axis in axes:
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)

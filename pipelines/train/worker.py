@@ -1,8 +1,8 @@
 """One Ray Train rank: the task under a DeepSpeed engine, its data stream, its state; `Worker.run()` trains to
 cfg.steps, checkpoints into Ray Train's storage and exports on rank 0.
 
-Test-only fault injection arrives in `plan.knobs` (jobs.Knobs): the last rank exits hard once at
-`fail_at_step`; the loss of `nan_at_step` is made NaN.
+Test-only fault injection is the plan's hook object (`plan.faults`, jobs.Faults), called at the start of every
+step and on its losses.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from pipelines import data, storage
+from pipelines import storage
+from pipelines.stream import RankStream, StreamSpec
 from pipelines.tracking import MetricsSink, NullSink, open_sink
 from pipelines.train.checkpoint import (DS_TAG, STOP_FILE, TEACHER_STATE, TRAINER_STATE, TrainerState,
                                         checkpoint_directory, load_teacher_tensors, rng_state, set_rng_state,
                                         teacher_tensors, write_history)
 from pipelines.train.export import cpu_copies, cpu_state, write_export
-from pipelines.train.jobs import Job, Plan, build_task, export_parts, local_copy, teacher_masters, teacher_vision
+from pipelines.train.jobs import Plan, local_copy, teacher_masters
 from pipelines.train.perf import Progress, live_tensor_mb, peak_rss_mb
 from pipelines.train.zero import (Zero, all_gather_cat, all_reduce_mean, all_reduce_sum, deepspeed_config,
                                   manual_clipping, master_state)
@@ -56,7 +57,7 @@ class Worker:
         self.dtype = self._keep_masters()
         self.state = TrainerState(run_id=plan.run_id)
         self.sink: MetricsSink = NullSink()
-        self.flops = flops_per_example(self.cfg, teacher_vision(self.task))
+        self.flops = flops_per_example(self.cfg, plan.job.train.teacher_vision(self.task))
         self.peak = peak_flops(self.device, self.cfg.engine.precision) if self.rank == 0 else float("nan")
 
     def _init_distributed(self) -> torch.device:
@@ -74,10 +75,8 @@ class Worker:
 
     def _build_task(self):
         """The task, handed the collectives when there is more than one rank."""
-        multi = self.world > 1
-        return build_task(self.plan.job, self.cfg, gather=all_gather_cat if multi else None,
-                          reduce_mean=all_reduce_mean if multi else None,
-                          reduce_sum=all_reduce_sum if multi else None, rank=self.rank)
+        collectives = dict(gather=all_gather_cat, reduce_mean=all_reduce_mean, reduce_sum=all_reduce_sum)
+        return self.plan.job.train.build_task(self.cfg, rank=self.rank, **(collectives if self.world > 1 else {}))
 
     def _init_engine(self):
         """(engine, its optimizer, the lr scale of each param group): torch AdamW on tipsv2.optim's groups,
@@ -89,10 +88,11 @@ class Worker:
         scales = [g["lr_scale"] for g in groups]
         optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
                                       lr=self.cfg.optim.lr, betas=self.cfg.optim.betas)
+        config = deepspeed_config(self.cfg.engine, batch_size=self.cfg.data.batch_size,
+                                  clip_grad=self.cfg.optim.clip_grad, world=self.world)
         self.zero.patch_deepspeed()
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=self.task, optimizer=optimizer, config=deepspeed_config(self.cfg, world=self.world),
-            dist_init_required=False)
+        engine, optimizer, _, _ = deepspeed.initialize(model=self.task, optimizer=optimizer, config=config,
+                                                       dist_init_required=False)
         self.zero.declare_external_parameters(self.task)
         return engine, optimizer, scales
 
@@ -100,7 +100,7 @@ class Worker:
         """The training dtype; in 16 bits the EMA teacher keeps float32 masters (the engine cast it too)."""
         dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(self.cfg.engine.precision,
                                                                                    torch.float32)
-        if dtype != torch.float32 and hasattr(self.task, "keep_ema_masters"):
+        if dtype != torch.float32:
             self.task.keep_ema_masters(self.zero.gathered)
         return dtype
 
@@ -137,14 +137,14 @@ class Worker:
         shutil.rmtree(directory, ignore_errors=True)
 
     # -- steps ------------------------------------------------------------------------------------
-    def stream(self) -> data.RankStream:
+    def stream(self) -> RankStream:
         cfg = self.cfg
-        masking = cfg.data.masking if self.plan.job == Job.PRETRAIN else None
-        spec = data.StreamSpec(batch_size=cfg.data.batch_size, seed=cfg.seed, crops=cfg.data.crops,
+        masking = cfg.data.masking if self.plan.job.train.masked else None
+        spec = StreamSpec(batch_size=cfg.data.batch_size, seed=cfg.seed, crops=cfg.data.crops,
                                captions=cfg.data.captions, masking=masking,
                                patch_size=model_config_of(cfg).vision.patch_size)
         tokenizer = Tokenizer(local_copy(self.plan.tokenizer), max_len=model_config_of(cfg).text.max_len)
-        return data.RankStream(self.plan.source, ids=self.plan.ids, texts_ref=self.plan.texts_ref, spec=spec,
+        return RankStream(self.plan.source, ids=self.plan.ids, texts_ref=self.plan.texts_ref, spec=spec,
                                tokenizer=tokenizer, rank=self.rank, world=self.world,
                                start_micro=self.state.step * cfg.engine.grad_accum)
 
@@ -186,17 +186,7 @@ class Worker:
             out["memory/gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
         return out
 
-    def maybe_fail(self, step: int) -> None:
-        knob = self.plan.knobs.fail_at_step
-        if knob != step or self.rank != self.world - 1:
-            return
-        marker = storage.join(self.plan.output, f"_failed_once_at_{step}")
-        if storage.exists(marker):
-            return
-        storage.write_bytes(marker, b"")
-        os._exit(1)
-
-    def step(self, step: int, stream: data.RankStream) -> dict[str, float]:
+    def step(self, step: int, stream: RankStream) -> dict[str, float]:
         """One optimiser step over grad_accum micro-batches: the metrics row. A loss term that is not finite on
         any rank raises NonFiniteLoss on every rank, before the step is applied."""
         cfg = self.cfg
@@ -209,9 +199,7 @@ class Worker:
             before = time.perf_counter()
             epoch, batch = next(stream)
             waited += time.perf_counter() - before
-            losses = self.engine(self.to_device(batch), step)
-            if self.plan.knobs.nan_at_step == step:
-                losses["loss/total"] = losses["loss/total"] * float("nan")
+            losses = self.plan.faults.on_losses(step, self.engine(self.to_device(batch), step))
             bad = self.nonfinite_terms(losses)
             if bad:
                 values = {k: float(losses[k].detach().float()) for k in bad}
@@ -221,7 +209,7 @@ class Worker:
             self.engine.backward(losses["loss/total"])
             if last:
                 held.append(live_tensor_mb(self.task.parameters()))
-            if manual_clipping(cfg) and self.engine.is_gradient_accumulation_boundary():
+            if manual_clipping(cfg.engine, cfg.optim.clip_grad) and self.engine.is_gradient_accumulation_boundary():
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.task.trainable_parameters()], cfg.optim.clip_grad)
             self.engine.step()
             rows.append(scalars(losses) | self.memory())
@@ -255,7 +243,7 @@ class Worker:
         bar = Progress(self.plan.job.value, total=self.cfg.steps, done=self.state.step) if self.rank == 0 else None
         try:
             for step in range(self.state.step, self.cfg.steps):
-                self.maybe_fail(step)
+                self.plan.faults.before_step(step, rank=self.rank, world=self.world, output=self.plan.output)
                 try:
                     row = self.step(step, stream)
                 except NonFiniteLoss as error:   # every rank stops here; the driver raises it again from STOP_FILE
@@ -280,7 +268,7 @@ class Worker:
         """Gather the weights in float32 (ZeRO-3 partitions; in bf16/fp16 training, DeepSpeed's and the EMA's
         float32 masters, not the rounded 16-bit weights), then rank 0 writes <output>/export and logs the
         artifacts."""
-        model, dino_head, patch_head, head_cfg = export_parts(self.task, self.cfg)
+        model, dino_head, patch_head, head_cfg = self.plan.job.train.export_parts(self.task, self.cfg)
         modules = (model, dino_head, patch_head)
         if self.dtype == torch.float32:
             with self.zero.whole([p for module in modules for p in module.parameters()]):

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pipelines.train.config import JobConfig
+from pipelines.train.config import EngineConfig
 from tipsv2.configs import Precision
 from tipsv2.models.model import TIPSModel
 
@@ -58,19 +58,19 @@ class Zero:
         return stage0_masters(optimizer) if self.stage == 0 else {}
 
 
-def manual_clipping(cfg: JobConfig) -> bool:
+def manual_clipping(engine: EngineConfig, clip_grad: float) -> bool:
     """ZeRO-0 in fp32 clips with DeepSpeed's own clip_grad_norm_, which fails on 0-dim parameters
     (log_temperature) in DeepSpeed 0.19: the engine clips with torch's instead (same global norm)."""
-    return cfg.engine.zero_stage == 0 and cfg.engine.precision == Precision.FP32 and cfg.optim.clip_grad > 0
+    return engine.zero_stage == 0 and engine.precision == Precision.FP32 and clip_grad > 0
 
 
-def deepspeed_config(cfg: JobConfig, *, world: int) -> dict:
-    engine = cfg.engine
+def deepspeed_config(engine: EngineConfig, *, batch_size: int, clip_grad: float, world: int) -> dict:
+    """DeepSpeed's config from the engine slice, the per-rank micro-batch and the optimiser's clipping norm."""
     return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": engine.grad_accum,
-        "train_batch_size": cfg.data.batch_size * engine.grad_accum * world,
-        "gradient_clipping": 0.0 if manual_clipping(cfg) else float(cfg.optim.clip_grad),
+        "train_batch_size": batch_size * engine.grad_accum * world,
+        "gradient_clipping": 0.0 if manual_clipping(engine, clip_grad) else float(clip_grad),
         # DeepSpeed's default buckets (5e8 elements) cost ZeRO-3 a 1.9 GB fp32 buffer per worker
         "zero_optimization": {"stage": engine.zero_stage, "reduce_bucket_size": engine.bucket_size,
                               "allgather_bucket_size": engine.bucket_size,

@@ -24,6 +24,14 @@ class Granularity(str, enum.Enum):
 DEFAULT_GRANULARITIES: tuple[Granularity, ...] = (Granularity.SHORT, Granularity.MEDIUM, Granularity.LONG)
 
 
+ID_HEX_CHARS = 32  # an image id: the first 128 bits of its bytes' sha256, in hex
+
+
+def image_id(sha256: str) -> str:
+    """The id of an image whose bytes hash to `sha256` (hex): stable, and equal for equal bytes."""
+    return sha256[:ID_HEX_CHARS]
+
+
 def caption_column(granularity: Granularity | str) -> str:
     return f"caption_{Granularity(granularity).value}"
 

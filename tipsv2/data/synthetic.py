@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tipsv2.data import schema
-from tipsv2.data.schema import ROW_GROUP_BYTES, Granularity, caption_column
+from tipsv2.data.schema import ROW_GROUP_BYTES, Granularity, caption_column, image_id
 
 
 class Shape(str, enum.Enum):
@@ -460,11 +460,11 @@ def scene_rows(scene: Scene, split: Split | str, index: int) -> tuple[dict, dict
     """One IMAGES row and one GROUND_TRUTH row for `scene`."""
     png = encode_png(scene.image)
     digest = hashlib.sha256(png).hexdigest()
-    image_id = digest[:32]   # stable: derived from the content hash
-    image_row = {"id": image_id, "image": png, "format": "PNG", "width": scene.image.width,
+    scene_id = image_id(digest)
+    image_row = {"id": scene_id, "image": png, "format": "PNG", "width": scene.image.width,
                  "height": scene.image.height, "alt_text": scene.alt_text,
                  "source": f"synthetic://{Split(split).value}/{index}", "sha256": digest}
-    truth_row = {"id": image_id, "mask": encode_png(scene.mask), "depth": encode_npy(scene.depth),
+    truth_row = {"id": scene_id, "mask": encode_png(scene.mask), "depth": encode_npy(scene.depth),
                  **{caption_column(g): scene.captions[g.value] for g in Granularity},
                  "background": scene.texture.value,
                  "objects": json.dumps([o.to_json() for o in scene.objects])}
