@@ -200,6 +200,17 @@ def log_inputs(sink: MetricsSink, datasets: list[ParquetSet], *, context: str, n
                   | ({"tipsv2.captions.changed": note[:4000]} if note else {}))
 
 
+def caption_digest(run) -> str:
+    """The digest of the caption set an MLflow run trained on: its tag, else its `training` dataset input."""
+    if tag := run.data.tags.get(DIGEST_TAG.format(kind=Kind.CAPTIONS.value)):
+        return tag
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        context = {t.key: t.value for t in item.tags}.get("mlflow.data.context")
+        if item.dataset.name == Kind.CAPTIONS.value and context == TRAINING:
+            return item.dataset.digest
+    return ""
+
+
 def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
     """The numeric leaves of a summary, keys joined by '/'."""
     if isinstance(tree, dict):
@@ -211,19 +222,28 @@ def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
 def log_output(kind: Kind, uri: str, summary: dict[str, Any], *, stage: str, output: str) -> str | None:
     """When MLflow is configured (MLFLOW_TRACKING_URI; pipelines.run_all sets it): a run named `stage` (a
     child of run_all's run) with the Parquet set it wrote as a dataset (context `output`) and the summary's
-    numbers as metrics. Returns the run id, None when not configured."""
-    uri_env = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri_env:
+    numbers as metrics. Returns the run id; None when not configured or MLflow failed (a warning: the
+    stage's output stands)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
         return None
+    try:
+        return _log_output(kind, uri, summary, stage=stage, output=output)
+    except Exception as err:  # noqa: BLE001 - tracking never fails a stage whose output is written
+        log.warning("%s output %s not logged to MLflow (%s: %s)", stage, uri, type(err).__name__, str(err)[:200])
+        return None
+
+
+def _log_output(kind: Kind, uri: str, summary: dict[str, Any], *, stage: str, output: str) -> str | None:
     from mlflow.tracking import MlflowClient
 
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     experiment = "tipsv2"
     if parent := os.environ.get(PARENT_ENV):   # the parent's experiment, as run_all's own child runs
-        client = MlflowClient(uri_env)
+        client = MlflowClient(tracking_uri)
         experiment = client.get_experiment(client.get_run(parent).info.experiment_id).name
-    sink = open_sink(TrackingConfig(uri=uri_env, experiment=experiment, run_name=stage),
-                     output_root=None if storage.is_remote(output) else output)
     found = describe(uri, kind)
+    sink = open_sink(TrackingConfig(uri=tracking_uri, experiment=experiment, run_name=stage),
+                     output_root=None if storage.is_remote(output) else output)
     log_inputs(sink, [found], context=OUTPUT)
     sink.set_tags({"tipsv2.stage": stage, "tipsv2.output": output})
     sink.log_metrics(numbers({k: v for k, v in summary.items() if k != "mlflow_run_id"}), step=0)

@@ -177,16 +177,30 @@ def model_version(client, spec: str):
                          f"{type(err).__name__}: {str(err)[:200]}") from err
 
 
+def runs_of(client, specs: list[str]) -> dict[str, str]:
+    """{run id: NAME/VERSION} of the runs that registered the versions `specs` name."""
+    found = {}
+    for spec in specs:
+        entry = model_version(client, spec)
+        if not entry.run_id:
+            raise ValueError(f"model {spec!r} (version {entry.version}) names no MLflow run")
+        found[entry.run_id] = f"{entry.name}/{entry.version}"
+    return found
+
+
 def is_registered(spec: str | None) -> bool:
     return bool(spec) and spec.startswith("models:/")
 
 
 @contextlib.contextmanager
-def resolved(spec: str, tracking_uri: str) -> Iterator[str]:
+def resolved(spec: str, tracking_uri: str | None) -> Iterator[str]:
     """`spec` itself, or for "models:/NAME/VERSION" the version's `hf/` directory downloaded, as "hf:DIR"."""
     if not is_registered(spec):
         yield spec
         return
+    if not tracking_uri:
+        raise ValueError(f"model {spec!r} is a registered version: name the registry with --tracking-uri or "
+                         "MLFLOW_TRACKING_URI")
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -197,7 +211,7 @@ def resolved(spec: str, tracking_uri: str) -> Iterator[str]:
         yield f"hf:{Path(local) / 'artifacts' / HF_ARTIFACT}"
 
 
-def link_evaluation(sink: MetricsSink, spec: str, keys: list[str]) -> None:
+def link_evaluation(sink: MetricsSink, spec: str, keys: list[str], *, suite: str) -> None:
     """An evaluation of "models:/NAME/VERSION": its run tagged with the version, its metrics linked to the
     version's logged model, the version tagged with the run. Nothing for other checkpoints."""
     client = getattr(sink, "client", None)
@@ -210,5 +224,4 @@ def link_evaluation(sink: MetricsSink, spec: str, keys: list[str]) -> None:
     sink.set_tags({"tipsv2.model": f"{found.name}/{found.version}", "tipsv2.model_id": found.model_id or ""})
     if found.model_id:
         relink_metrics(client, sink.run_id, keys, model_id=found.model_id)
-    suite = keys[0].split("/")[1] if keys and keys[0].count("/") >= 2 else "eval"
     registry.set_model_version_tag(found.name, found.version, f"tipsv2.eval.{suite}.run_id", sink.run_id)
