@@ -175,6 +175,9 @@ def mlflow_dataset(found: ParquetSet):
         def profile(self) -> dict[str, Any]:
             return found.profile()
 
+        def to_dict(self) -> dict[str, str]:
+            return super().to_dict() | {"profile": json.dumps(self.profile)}
+
     with warnings.catch_warnings():   # a local path resolves to two equal LocalArtifactDatasetSource kinds
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(storage.absolute(found.uri))
