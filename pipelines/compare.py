@@ -2,6 +2,12 @@
 
     python -m pipelines.compare --experiment tipsv2 [--runs ID ...] [--metrics loss/total ...] \
         --output outputs/compare [--tracking-uri http://127.0.0.1:5000]
+    python -m pipelines.compare --models tipsv2-pretrain/1 models:/tipsv2-pretrain/2 --output outputs/compare
+
+`--models` selects the runs that registered those model versions (pipelines/registry.py; NAME/VERSION,
+models:/NAME/VERSION or NAME@ALIAS) and names the version in a `model` column; the experiment is then the
+first run's unless given. A `captions` column shows the digest of the caption set each run trained on
+(pipelines/lineage.py), so runs on different captions stand apart.
 
 Writes `comparison.md`, `comparison.csv`, `comparison.json` and one `<metric>.png` overlay per metric to
 the output, and logs them as artifacts of a run tagged `tipsv2.kind=compare` (which later comparisons
@@ -18,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import storage
+from pipelines import lineage, registry, storage
 
 KIND_TAG = "tipsv2.kind"
 DEFAULT_METRICS = ("loss/total", "loss/contrastive", "loss/dino", "loss/patch")
@@ -30,6 +36,8 @@ class RunRow:
     name: str
     params: dict[str, str]
     final: dict[str, float]         # last logged value of every metric
+    captions: str = ""              # digest of the caption set it trained on (pipelines.lineage)
+    model: str = ""                 # NAME/VERSION when selected by registered model version
 
 
 def differing_params(rows: list[RunRow], prefixes: list[str] | None = None) -> list[str]:
@@ -43,6 +51,7 @@ def table(rows: list[RunRow], params: list[str], metrics: list[str]) -> list[dic
     out = []
     for r in rows:
         line = {"run": r.name or r.run_id[:8], "run_id": r.run_id}
+        line |= {k: getattr(r, k) for k in ("model", "captions") if any(getattr(o, k) for o in rows)}
         line |= {p: r.params.get(p, "") for p in params}
         line |= {m: (f"{r.final[m]:.4g}" if m in r.final else "") for m in metrics}
         out.append(line)
@@ -57,14 +66,18 @@ def markdown(lines: list[dict[str, str]]) -> str:
     return text + "".join("| " + " | ".join(line[c] for c in columns) + " |\n" for line in lines)
 
 
-def fetch(client, experiment: str, run_ids: list[str] | None) -> list[RunRow]:
+def fetch(client, experiment: str, run_ids: list[str] | None, models: dict[str, str] | None = None) -> list[RunRow]:
+    """The runs `run_ids` (or those that registered `models`: {run id: NAME/VERSION}), else every run of
+    the experiment but earlier comparisons."""
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}")
-    runs = [client.get_run(r) for r in run_ids] if run_ids else client.search_runs([found.experiment_id])
+    chosen = list(dict.fromkeys([*(run_ids or []), *(models or {})]))
+    runs = [client.get_run(r) for r in chosen] if chosen else client.search_runs([found.experiment_id])
     runs = [r for r in runs if r.data.tags.get(KIND_TAG) != "compare"]
     return [RunRow(run_id=r.info.run_id, name=r.info.run_name or "", params=dict(r.data.params),
-                   final=dict(r.data.metrics)) for r in runs]
+                   final=dict(r.data.metrics), captions=lineage.caption_digest(r),
+                   model=(models or {}).get(r.info.run_id, "")) for r in runs]
 
 
 def plot(client, rows: list[RunRow], metric: str, path: Path) -> bool:
@@ -89,13 +102,19 @@ def plot(client, rows: list[RunRow], metric: str, path: Path) -> bool:
     return drawn
 
 
-def run(*, experiment: str, output: str, run_ids: list[str] | None = None,
+def run(*, experiment: str | None, output: str, run_ids: list[str] | None = None,
         metrics: list[str] | None = None, param_prefixes: list[str] | None = None,
-        tracking_uri: str | None = None) -> dict:
+        tracking_uri: str | None = None, models: list[str] | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    rows = fetch(client, experiment, run_ids)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = registry.runs_of(client, models or [])
+    if experiment is None:
+        if not versions:
+            raise ValueError("name the runs to compare: --experiment NAME, or --models NAME/VERSION ...")
+        experiment = client.get_experiment(client.get_run(next(iter(versions))).info.experiment_id).name
+    rows = fetch(client, experiment, run_ids, versions)
     metrics = list(metrics or [m for m in DEFAULT_METRICS if any(m in r.final for r in rows)])
     params = differing_params(rows, param_prefixes)
     lines = table(rows, params, metrics)
@@ -125,16 +144,18 @@ def run(*, experiment: str, output: str, run_ids: list[str] | None = None,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--experiment", default=None, help="required unless --models is given")
     parser.add_argument("--runs", nargs="*", default=None, help="run ids (default: every run of the experiment)")
     parser.add_argument("--metrics", nargs="*", default=None, help=f"default: those of {DEFAULT_METRICS} logged")
+    parser.add_argument("--models", nargs="*", default=None, metavar="NAME/VERSION",
+                        help="registered model versions (NAME/VERSION, models:/NAME/VERSION, NAME@ALIAS): their runs")
     parser.add_argument("--output", required=True)
     parser.add_argument("--params", nargs="*", default=None, metavar="PREFIX",
                         help="only config keys starting with these (default: every key that differs)")
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     args = parser.parse_args(argv)
     result = run(experiment=args.experiment, output=args.output, run_ids=args.runs, metrics=args.metrics,
-                 param_prefixes=args.params, tracking_uri=args.tracking_uri)
+                 param_prefixes=args.params, tracking_uri=args.tracking_uri, models=args.models)
     print(markdown(result["table"]))
     print(f"wrote {', '.join(result['files'])} to {args.output}; MLflow run {result['compare_run_id']}")
 

@@ -7,7 +7,10 @@
 
 Checkpoint: an exported model directory (tipsv2.checkpoint.save_export: model.safetensors + config.json),
 "hf:DIR", a transformers Tipsv2Model directory (tipsv2.models.load_hf: the export's `hf/` or one from the
-Hub), or released checkpoints "VISION.npz[,TEXT.npz]" (tipsv2.models.load_official), local or s3://.
+Hub), or released checkpoints "VISION.npz[,TEXT.npz]" (tipsv2.models.load_official), local or s3://; or
+a registered model version "models:/NAME/VERSION" (pipelines/registry.py): its run is then tagged
+`tipsv2.model=NAME/VERSION`, its metrics are linked to the version's logged model and the version is tagged
+`tipsv2.eval.<suite>.run_id`.
 Tokenizer: `--tokenizer URI`, else `tokenizer.model` in the checkpoint directory (beside VISION.npz for
 released checkpoints) when there is one; suites that embed text fail without one, naming the flag.
 Suites and their data layouts: tipsv2.eval.suites (`tiny` renders its scenes in memory; `synthetic`
@@ -35,11 +38,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from pipelines import cli, storage
-from pipelines.tracking import MetricsSink, NullSink, default_uri, open_sink
+from pipelines import cli, registry, storage
+from pipelines.tracking import MetricsSink, NullSink, TrackingConfig, default_uri, open_sink
 from tipsv2 import config_tree
 from tipsv2.checkpoint import ModelSource, load_source
-from pipelines.tracking import TrackingConfig
 from tipsv2.eval.suites import SUITES, DataLocation, run_suite
 from tipsv2.models import TIPSModel
 from tipsv2.tokenizer import Tokenizer
@@ -89,6 +91,8 @@ def load_model(cfg: EvaluateConfig, scratch: str) -> TIPSModel:
 
 def default_tokenizer_uri(checkpoint: str) -> str | None:
     """`tokenizer.model` in the checkpoint's directory (beside VISION.npz; in an hf: directory), if it exists."""
+    if registry.is_registered(checkpoint):   # a registered version carries its own, in its hf/ directory
+        return None
     uri = storage.join(ModelSource.parse(checkpoint).directory, TOKENIZER_FILE)
     return uri if storage.exists(uri) else None
 
@@ -215,12 +219,15 @@ def run(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     sink = open_tracking(cfg, output)
     status = "FAILED"
     try:
-        metrics = evaluate(cfg)
+        uri = getattr(sink, "uri", None) or cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        with registry.resolved(cfg.checkpoint, uri) as checkpoint:   # models:/NAME/VERSION -> hf:DOWNLOADED
+            metrics = evaluate(dataclasses.replace(cfg, checkpoint=checkpoint))
         results = cli.done_record(cfg, suite=cfg.suite, checkpoint=cfg.checkpoint, data=cfg.data, metrics=metrics,
                                   seconds=watch.seconds(), mlflow_run_id=sink.run_id)
         storage.write_json(target, results)
         cli.write_resolved_config(output, cfg)
         log_results(sink, cfg, results)
+        registry.link_evaluation(sink, cfg.checkpoint, [f"eval/{cfg.suite}/{k}" for k in metrics], suite=cfg.suite)
         status = "FINISHED"
     finally:
         sink.close(status)

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import cli, storage
+from pipelines import cli, lineage, storage
 from pipelines.resources import RESOURCE_REQUESTS, Stage
 from tipsv2.data import schema
 from tipsv2.data.schema import image_id
@@ -364,6 +364,7 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
         "row_group_rows": group, "mean_image_bytes": mean_bytes, "mlflow_run_id": None,
         "wall_time_s": clock.seconds(),
     }
+    summary["mlflow_run_id"] = lineage.log_output(lineage.Kind.IMAGES, images_uri, summary, stage="ingest", output=output)
     cli.write_resolved_config(output, cfg)
     cli.write_summary(output, summary)
     return summary

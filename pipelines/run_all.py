@@ -148,7 +148,7 @@ class Chain:
         print(f"[run_all] {name} ...", flush=True)
         clock = cli.Stopwatch()
         result = action(out)
-        if own_run:  # stages without their own tracking get a child run with their summary numbers
+        if own_run and not result.get("mlflow_run_id"):  # stages without a run of their own get a child run
             child = MlflowSink(uri=self.uri, experiment=self.cfg.tracking.experiment, run_name=name,
                                parent_run_id=self.parent.run_id)
             child.log_metrics({k: float(v) for k, v in _numbers(result).items()}, step=0)

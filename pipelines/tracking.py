@@ -49,6 +49,8 @@ class TrackingConfig:
     experiment: str = "tipsv2"
     run_name: str | None = None
     parent_run_id: str | None = None      # nest this run under that one (run_all sets it for its steps)
+    # MLflow registered model every training export becomes a version of ({job}: pretrain | distill); None: none
+    registered_model: str | None = "tipsv2-{job}"
 
 
 def git_commit(directory: Path = REPOSITORY) -> str | None:

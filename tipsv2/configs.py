@@ -28,6 +28,12 @@ from tipsv2.distill import DistillTaskConfig, TeacherHeads
 from tipsv2.task import TaskConfig, TeacherConfig, TeacherMode
 
 
+class CaptionChange(str, enum.Enum):
+    """What a resumed run does when the caption set it trains on is not the one it started with."""
+    FAIL = "fail"                         # refuse, naming both digests (pipelines/lineage.py)
+    WARN = "warn"                         # print a warning, log the new caption set as an input, go on
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     crops: CropConfig = field(default_factory=CropConfig)
@@ -39,6 +45,7 @@ class DataConfig:
     captions_uri: str | None = None       # URI of caption Parquet (caption output), joined by id
     tokenizer: str | None = None          # SentencePiece .model; None = train one on the captions
     tokenizer_vocab: int = 32000
+    on_caption_change: CaptionChange = CaptionChange.FAIL   # on resume; may differ from the run's first config
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

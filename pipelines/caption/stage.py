@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow.parquet as pq
 
-from pipelines import cli, storage
+from pipelines import cli, lineage, storage
 from pipelines.caption import backends
 from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig
 from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, Assembler, caption_files, compact, model_name,
@@ -143,6 +143,8 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
         "metrics": {"requests_per_s": round(todo.num_rows / max(caption_seconds, 1e-9), 3), **pace.metrics()},
         "mlflow_run_id": None, "wall_time_s": clock.seconds(),
     }
+    summary["mlflow_run_id"] = lineage.log_output(lineage.Kind.CAPTIONS, storage.join(output, CAPTIONS_DIR), summary,
+                                                  stage="caption", output=output)
     cli.write_summary(output, summary)
     return summary
 

@@ -15,14 +15,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipelines import cli, data, storage
+from pipelines import cli, data, lineage, registry, storage
 from pipelines.estimate import log_plan
 from pipelines.resources import Stage, training_request
 from pipelines.tracking import flatten as tracking_flatten
 from pipelines.tracking import open_sink
 from pipelines.train.checkpoint import (HISTORY_FILE, RUN_NAME, STOP_FILE, latest_checkpoint, read_history,
                                         read_trainer_state)
-from pipelines.train.export import EXPORT_DIR
+from pipelines.train.export import EXPORT_DIR, HF_DIR
 from pipelines.train.jobs import Faults, InjectedFaults, Job, Plan
 from pipelines.train.local import train_here
 from pipelines.train.worker import train_worker
@@ -92,6 +92,9 @@ def fit(plan: Plan):
     return trainer.fit()
 
 
+RESUME_MAY_CHANGE = {"data.on_caption_change"}   # what a resumed run does, not what it computes
+
+
 def check_same_config(output: str, cfg: JobConfig, *, resuming: bool) -> None:
     """Resuming continues the run in `output`: refuse when its config.json differs from `cfg`."""
     uri = storage.join(output, cli.CONFIG_FILE)
@@ -99,7 +102,7 @@ def check_same_config(output: str, cfg: JobConfig, *, resuming: bool) -> None:
         return
     old = tracking_flatten(storage.read_json(uri))
     new = tracking_flatten(json.loads(json.dumps(config_tree.to_dict(cfg), default=str)))
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(f"{output} holds checkpoints of a run with another config (changed: {changed[:8]}); "
                          "resume with the same config or train into a new --output")
@@ -116,6 +119,8 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: F
     check_same_config(output, cfg, resuming=resume_from is not None)
     cli.write_resolved_config(output, cfg)
     source = data.prepare_source(cfg.data, output)
+    datasets = lineage.describe_source(source)     # refuses a resume whose caption set changed (or warns)
+    changed = lineage.check_resume(output, datasets, policy=cfg.data.on_caption_change, resuming=bool(resume_from))
     texts = data.read_texts(source)
     tokenizer = prepare_tokenizer(cfg, output, texts)
     run_id = read_trainer_state(resume_from).run_id if resume_from else None
@@ -128,6 +133,7 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: F
             path = Path(tmp) / cli.CONFIG_FILE
             path.write_text(json.dumps(config_tree.to_dict(cfg), indent=2, default=str))
             sink.log_artifact(path)
+    lineage.log_inputs(sink, datasets, context=lineage.TRAINING, note=changed)
     try:
         if local:
             history = train_here(job, cfg, output=output, source=source, texts=texts, tokenizer=tokenizer, sink=sink)
@@ -138,11 +144,14 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: F
     except BaseException:
         sink.close("FAILED")
         raise
+    model = registry.register_export(sink, cfg.tracking, job=job.value, hf_dir=storage.join(output, EXPORT_DIR, HF_DIR),
+                                     step=int(history[-1]["step"]) if history else 0, datasets=datasets)
     summary = cli.done_record(cfg, job=job.value, complete=True, engine="local" if local else "ray", **{
                "read": dataclasses.asdict(source), "rows": len(texts), "steps": len(history),
                "final": {k: v for k, v in history[-1].items() if k.startswith("loss/")} if history else {},
                "written": {"export": storage.join(output, EXPORT_DIR), "history": storage.join(output, HISTORY_FILE),
                            "checkpoints": storage.join(output, "ray", RUN_NAME)},
+               "datasets": [d.brief() | {"kind": d.kind.value} for d in datasets], "registered_model": model,
                "mlflow_run_id": sink.run_id, "wall_s": clock.seconds()})
     cli.write_summary(output, summary)
     sink.close()
