@@ -237,7 +237,6 @@ def log_output(kind: Kind, uri: str, summary: dict[str, Any], *, stage: str, out
 
 
 def _log_output(kind: Kind, uri: str, summary: dict[str, Any], *, stage: str, output: str) -> str | None:
-
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     experiment = "tipsv2"
     found = describe(uri, kind)
