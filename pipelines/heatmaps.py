@@ -1,7 +1,7 @@
 """Patch-text similarity heatmaps: one figure function for the export's heatmaps and the demo report's.
 
     rows = [HeatmapRow(image, title="scene 0", panels=[Panel("teacher", teacher, "a red circle")])]
-    plot_heatmaps(rows, Path("heatmaps.png"))     # per row: the image, then one overlay per panel
+    plot_heatmaps(rows, Path("heatmaps.png"), tokenizer=tokenizer)   # per row: the image, one overlay per panel
 """
 
 from __future__ import annotations

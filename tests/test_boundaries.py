@@ -113,3 +113,10 @@ def test_the_library_holds_no_engine_or_tracking_config():
     roots = [configs.PretrainConfig, configs.DistillConfig, configs.RunConfig]
     assert all(not {"engine", "tracking"} & {f.name for f in dataclasses.fields(root)} for root in roots)
     assert not hasattr(configs, "EngineConfig") and not hasattr(configs, "TrackingConfig")
+
+
+def test_no_pipeline_module_holds_many_concerns():
+    """A file over about 350 lines in pipelines/ has grown a second concern: split it (CONTRIBUTING.md)."""
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "pipelines").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 350}
+    assert not long, f"split these by concern: {long}"
