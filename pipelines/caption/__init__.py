@@ -16,7 +16,7 @@ from pipelines.caption.config import (PRESETS, Backend, CaptionConfig, Device, E
                                       WatchdogConfig, default, hf, template, tiny)
 from pipelines.caption.prompts import (CaptionResult, build_prompt, build_request, cut_repetition, finish_caption,
                                        output_regex, parse_caption, parse_fields, repeat_fraction, request_max_tokens)
-from pipelines.caption.stage import Pace, Stalled, compact, images_uri, main, run, watched
+from pipelines.caption.stage import Pace, StageFailed, Stalled, compact, images_uri, main, run, watched
 from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, commit, compact_partition, complete_row, errors_table,
                                      model_name, needs_caption, part_name, partition_files, partition_name,
                                      prompt_hash, provenance, read_partition, todo_of)
@@ -25,7 +25,7 @@ __all__ = ["PRESETS", "Backend", "CaptionConfig", "Device", "EngineConfig", "Ima
            "PromptsConfig", "QualityConfig", "SamplingConfig", "Status", "TemplateConfig", "WatchdogConfig",
            "default", "hf", "template", "tiny", "CaptionResult", "build_prompt", "build_request", "cut_repetition",
            "finish_caption", "output_regex", "parse_caption", "parse_fields", "repeat_fraction",
-           "request_max_tokens", "Pace", "Stalled", "compact", "images_uri", "main", "run", "watched",
+           "request_max_tokens", "Pace", "StageFailed", "Stalled", "compact", "images_uri", "main", "run", "watched",
            "CAPTIONS_DIR", "ERRORS_DIR", "commit", "compact_partition", "complete_row", "errors_table", "model_name",
            "needs_caption", "part_name", "partition_files", "partition_name", "prompt_hash", "provenance",
            "read_partition", "todo_of", "cli"]

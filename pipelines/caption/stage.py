@@ -41,6 +41,16 @@ def images_uri(cfg: CaptionConfig) -> str:
     return nested if storage.exists(nested) else cfg.input
 
 
+class StageFailed(RuntimeError):
+    """The stage stopped (storage, engine, watchdog); what was committed stays and a rerun resumes."""
+
+
+def _last_line(err: BaseException) -> str:
+    """The innermost message of an error that may wrap others (Ray task errors carry a traceback)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1].strip() if lines else ''}"[:1000]
+
+
 class Stalled(RuntimeError):
     """The watchdog saw no caption output for longer than its timeout."""
 
@@ -113,12 +123,17 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     cli.init_ray(cfg.ray_num_cpus)
     pace, counts = Pace(), dict.fromkeys(COUNTERS.names, 0)
     results = caption_dataset(cfg, source, output, generation)
-    for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog):
-        for row in batch.to_pylist():
-            pace.arrived(row["images"])
-            counts = {k: counts[k] + row[k] for k in counts}
-    caption_seconds = clock.seconds()
-    final = compact(cfg, source, output, generation)
+    try:
+        for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog):
+            for row in batch.to_pylist():
+                pace.arrived(row["images"])
+                counts = {k: counts[k] + row[k] for k in counts}
+        caption_seconds = clock.seconds()
+        final = compact(cfg, source, output, generation)
+    except Exception as err:
+        raise StageFailed(f"caption stopped after committing {counts['images']} images in this run: "
+                          f"{_last_line(err)}. Every committed file is complete and stays; rerun the same command "
+                          f"to resume (finished images are skipped)") from err
     summary = {
         "stage": "caption", "backend": cfg.backend.value, "model": model_name(cfg), "input": source,
         "read": {"input_ids": final.pop("input_ids"), "already_captioned_ids": final["rows"] - counts["images"],

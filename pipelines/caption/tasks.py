@@ -80,5 +80,6 @@ def caption_dataset(cfg: CaptionConfig, images_uri: str, output: str, generation
     # Blocks of one engine batch: results stream back (commits, watchdog) instead of one block at the end.
     requests = requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
     raw = backends.caption_images(cfg, requests)
+    # One committed file per `shard_rows` images (fewer, larger files; a kill loses at most that much work).
     return raw.map_batches(write_block, fn_kwargs={"cfg": cfg, "output": output, "generation": generation},
-                           batch_format="pyarrow", batch_size=None, **small)
+                           batch_format="pyarrow", batch_size=cfg.shard_rows, **small)
