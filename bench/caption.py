@@ -93,7 +93,7 @@ def bench_ingest(work: Path, n_images: int, cores: int) -> dict:
     return {"images": n_images, "written": summary["written"]["images"], "cores": cores,
             "stage_s": round(stage_s, 3), "loop_s": round(loop_s, 3),
             "stage_images_per_s_per_core": round(stage_rate, 2), "loop_images_per_s_per_core": round(loop_rate, 2),
-            "ratio": round(stage_rate / loop_rate, 3)}
+            "ratio": round(stage_rate / loop_rate, 3), "stage_phases_s": summary.get("phases_s")}
 
 
 def _images_table(root: Path, n: int) -> None:
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                width=width, layers=layers)
     ray.shutdown()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    # The parts not run now: as they are in the file at the end (another run may have written some meanwhile).
+    results = {**(json.loads(RESULTS.read_text()) if RESULTS.exists() else {}),
+               **{part: results[part] for part in args.parts if part in results}}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     RESULTS.with_suffix(".md").write_text(report(results))
     print(report(results))
@@ -309,7 +312,8 @@ def report(results: dict) -> str:
     if i := results.get("ingest"):
         lines += ["## Ingest vs a plain loop (per core)", "", "| stage img/s/core | loop img/s/core | ratio | load |",
                   "|---|---|---|---|", f"| {i['stage_images_per_s_per_core']} | {i['loop_images_per_s_per_core']} | "
-                  f"{i['ratio']} | {i.get('load_average', '')} |", ""]
+                  f"{i['ratio']} | {i.get('load_average', '')} |", "",
+                  f"Stage phases (s): {i.get('stage_phases_s')}; the plain loop: {i['loop_s']} s in all.", ""]
     if results.get("caption"):
         lines += ["## Caption stage vs the same engine called directly", "",
                   "| engine | stage c/s | direct c/s | ratio | steady ratio |", "|---|---|---|---|---|"]

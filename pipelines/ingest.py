@@ -20,6 +20,7 @@ import dataclasses
 import enum
 import io
 import json
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -189,14 +190,18 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     if previous is not None:
         return previous
     cli.init_ray()
+    phases = Phases()   # seconds per phase: where an ingest's time goes (bench/caption.py reports them)
     items, ignored = list_items(cfg)
     if not items:
         raise ValueError(f"no images, tar shards or manifest rows found under {cfg.source!r}")
+    phases.lap("list")
     ds = ray.data.from_items(items, override_num_blocks=_ray_blocks(len(items), cfg.read_blocks))
     decoded = ds.flat_map(Decoder(max_pixels=cfg.max_pixels, allowed_modes=cfg.allowed_modes),
                           num_cpus=cfg.num_cpus_per_task).materialize()
+    phases.lap("read_decode_hash")
     meta = pa.concat_tables(ray.get(decoded.select_columns(["key", "sha256", "reason", "nbytes"]).to_arrow_refs()))
     dupes = duplicate_keys(meta)
+    phases.lap("dedup")
     valid = meta.filter(pc.equal(meta["reason"], ""))
     mean_bytes = pc.mean(valid["nbytes"]).as_py() if valid.num_rows else 1.0
     group, per_file = rows_per_group(cfg, mean_bytes)
@@ -204,8 +209,11 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     images = decoded.map_batches(images_block, fn_kwargs={"dupes": pa.array(sorted(dupes), pa.int64())},
                                  batch_format="pyarrow", batch_size=None)
     _write(images, images_uri, row_group_size=group, min_rows_per_file=group, max_rows_per_file=per_file)
-    errors = decoded.map_batches(errors_block, batch_format="pyarrow", batch_size=None)
+    phases.lap("write_images")
+    errors = decoded.select_columns(["id", "source", "reason", "detail"]).map_batches(
+        errors_block, batch_format="pyarrow", batch_size=None)
     _write(errors, errors_uri)
+    phases.lap("write_errors")
     reasons = meta.filter(pc.not_equal(meta["reason"], "")).group_by("reason").aggregate([("key", "count")])
     summary = {
         "stage": "ingest", "source": cfg.source, "source_kind": source_kind(cfg).value,
@@ -215,11 +223,23 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
         "duplicates_dropped": len(dupes),
         "errors_by_reason": dict(zip(reasons["reason"].to_pylist(), reasons["key_count"].to_pylist())),
         "row_group_rows": group, "mean_image_bytes": mean_bytes, "mlflow_run_id": None,
-        "wall_time_s": clock.seconds(),
+        "phases_s": phases.seconds, "wall_time_s": clock.seconds(),
     }
     cli.write_resolved_config(output, cfg)
     cli.write_summary(output, summary)
     return summary
+
+
+class Phases:
+    """Wall seconds between successive laps, by name."""
+
+    def __init__(self) -> None:
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
 
 
 def _previous_summary(cfg: IngestConfig, output: str) -> dict[str, Any] | None:

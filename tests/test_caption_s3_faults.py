@@ -50,8 +50,19 @@ class FaultyS3Proxy:
             def log_message(self, *args):
                 pass
 
+            def _body(self) -> bytes:
+                if "chunked" not in (self.headers.get("Transfer-Encoding") or "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = b""   # the AWS SDK streams uploads chunked: decode, forward with a Content-Length
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+                while self.rfile.readline().strip():   # trailers
+                    pass
+                return body
+
             def _any(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 if proxy.should_fail():
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")
@@ -60,7 +71,10 @@ class FaultyS3Proxy:
                     self.wfile.write(SLOW_DOWN)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "content-length", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
                 if self.command == "PUT" and "/captions/" in self.path and response.status == 200:
@@ -69,7 +83,9 @@ class FaultyS3Proxy:
                 for key, value in response.getheaders():
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # HEAD: the object's length as the server gave it; else the length of what is sent
+                length = response.getheader("Content-Length") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length or 0))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
@@ -103,15 +119,18 @@ def _put_images(client, prefix: str, files: int, rows: int) -> list[str]:
     return ids
 
 
-def _run(ray_local, endpoint: str, prefix: str) -> subprocess.CompletedProcess:
-    """The stage in a driver whose Ray job (and so every task) talks to `endpoint`."""
-    code = ("import ray, sys\n"
+def _run(ray_local, endpoint: str, prefix: str, *, fail_fast: bool = False) -> subprocess.CompletedProcess:
+    """The stage in a driver whose Ray job (and so every task) talks to `endpoint`. `fail_fast`: 2 attempts
+    per S3 request and no Ray Data I/O retries (minutes of backoff otherwise), for the persistent failure."""
+    env_vars = {"AWS_ENDPOINT_URL": endpoint, **({"AWS_MAX_ATTEMPTS": "2"} if fail_fast else {})}
+    code = ("import ray, ray.data, sys\n"
             f"ray.init(address={ray_local.get_runtime_context().gcs_address!r}, log_to_driver=False, "
-            f"runtime_env={{'env_vars': {{'AWS_ENDPOINT_URL': {endpoint!r}}}}})\n"
+            f"runtime_env={{'env_vars': {env_vars!r}}})\n"
+            + ("ray.data.DataContext.get_current().retried_io_errors = []\n" if fail_fast else "") +
             "from pipelines import caption\n"
             f"caption.main(['--config', 'template', '--set', 'input=s3://{BUCKET}/{prefix}/in', '--set', "
             f"'engine.batch_size=5', '--output', 's3://{BUCKET}/{prefix}/out'])\n")
-    env = {**os.environ, "AWS_ENDPOINT_URL": endpoint}
+    env = {**os.environ, **env_vars}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -137,7 +156,7 @@ def test_slow_down_is_retried_and_a_persistent_failure_resumes(ray_local, s3_end
 
     ids = _put_images(client, "faults-b", files=3, rows=10)
     proxy.every, proxy.fail_after_commit, proxy.committed = 0, True, False
-    failed = _run(ray_local, proxy.url, "faults-b")
+    failed = _run(ray_local, proxy.url, "faults-b", fail_fast=True)
     assert failed.returncode != 0
     message = failed.stderr.strip().splitlines()[-1]
     assert "rerun" in message and ("SLOW_DOWN" in message or "SlowDown" in message or "503" in message), message

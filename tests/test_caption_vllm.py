@@ -128,5 +128,6 @@ def test_vllm_one_request_per_image_long_prompt_and_engine_death(ray_local, tiny
             matches += rows[image_id][f"caption_{g}"] == want
             fields += 1
     assert matches >= 0.95 * fields, f"stage == direct vLLM for {matches} of {fields} fields"
-    print(f"\nvllm: {matches} of {fields} fields equal the direct engine's; engine killed with {at_kill} of {len(ids)} ids committed; {summary['read']['requests']} requests "
-          f"for {summary['read']['captions_to_do']} captions, {summary['read']['prompt_tokens']} prompt tokens")
+    print(f"\nvllm: {matches} of {fields} fields equal the direct engine's; engine killed with {at_kill} of "
+          f"{len(ids)} ids committed; {summary['read']['requests']} requests for {summary['read']['captions_to_do']} "
+          f"captions, {summary['read']['prompt_tokens']} prompt tokens")

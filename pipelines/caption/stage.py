@@ -45,10 +45,17 @@ class StageFailed(RuntimeError):
     """The stage stopped (storage, engine, watchdog); what was committed stays and a rerun resumes."""
 
 
-def _last_line(err: BaseException) -> str:
-    """The innermost message of an error that may wrap others (Ray task errors carry a traceback)."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[-1].strip() if lines else ''}"[:1000]
+def _root_cause(err: BaseException) -> str:
+    """The innermost error of a chain (Ray task errors wrap the task's own in `.cause`), in one line."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        inner = getattr(err, "cause", None) or err.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        err = inner
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:1000]
 
 
 class Stalled(RuntimeError):
@@ -132,11 +139,11 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
         final = compact(cfg, source, output, generation)
     except Exception as err:
         raise StageFailed(f"caption stopped after committing {counts['images']} images in this run: "
-                          f"{_last_line(err)}. Every committed file is complete and stays; rerun the same command "
+                          f"{_root_cause(err)}. Every committed file is complete and stays; rerun the same command "
                           f"to resume (finished images are skipped)") from err
     summary = {
         "stage": "caption", "backend": cfg.backend.value, "model": model_name(cfg), "input": source,
-        "read": {"input_ids": final.pop("input_ids"), "already_captioned_ids": final["rows"] - counts["images"],
+        "read": {"input_ids": final.pop("input_ids"), "already_captioned_ids": max(0, final["rows"] - counts["images"]),
                  "images_to_caption": counts["images"], "captions_to_do": counts["captions"],
                  "requests": counts["images"] if cfg.backend.value == "vllm" else counts["captions"],
                  "prompt_tokens": counts["prompt_tokens"]},
