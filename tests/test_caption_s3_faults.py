@@ -77,7 +77,9 @@ class FaultyS3Proxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
-                if self.command == "PUT" and "/captions/" in self.path and response.status == 200:
+                # an object is there after a PutObject or a CompleteMultipartUpload (not after an UploadPart)
+                completes = (self.command, "uploadId=" in self.path) in (("PUT", False), ("POST", True))
+                if "/captions/" in self.path and completes and response.status == 200:
                     proxy.committed = True
                 self.send_response(response.status)
                 for key, value in response.getheaders():

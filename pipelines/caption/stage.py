@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
 
@@ -45,17 +47,20 @@ class StageFailed(RuntimeError):
     """The stage stopped (storage, engine, watchdog); what was committed stays and a rerun resumes."""
 
 
+WRAPPERS = ("RayTaskError", "UserCodeException", "StageFailed", "RayError")
+ERROR_LINE = re.compile(r"^\s*([\w.]*(?:Error|Exception)\w*(?:\([\w.]+\))?): (.+)$")
+
+
 def _root_cause(err: BaseException) -> str:
-    """The innermost error of a chain (Ray task errors wrap the task's own in `.cause`), in one line."""
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None) or err.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        err = inner
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:1000]
+    """The innermost error in one line. A Ray task's error reaches the driver wrapped (RayTaskError,
+    UserCodeException) with the task's own only in the traceback text: the first error line there that is
+    not a wrapper's."""
+    text = "".join(traceback.format_exception(err))
+    for line in text.splitlines():
+        match = ERROR_LINE.match(line)
+        if match and not any(w in match.group(1) for w in WRAPPERS):
+            return f"{match.group(1)}: {match.group(2).strip()}"[:1000]
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:1000]
 
 
 class Stalled(RuntimeError):
