@@ -182,7 +182,7 @@ def _captions(out: Path) -> list[dict]:
     return rows
 
 
-@pytest.mark.slow   # three runs and their compactions: 25-30 s on an idle 2-core machine, 170 s at load 40-70
+@pytest.mark.slow   # three runs and their compactions: 172 s measured at load average 40-70 on 2 cores
 def test_template_backend_resumes_and_recaptions_only_the_changed_granularity(ray_local, tmp_path):
     ids = _images_table(tmp_path / "in", 20)
     out = tmp_path / "out"
