@@ -18,28 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import io
 import json
-import posixpath
-import tarfile
-import warnings
-from typing import Any, Iterator
+import time
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import cli, lineage, storage
+from pipelines.ingest_read import (IMAGE_SUFFIXES, RGB_CONVERTIBLE_MODES, SIDECAR_SUFFIXES, BadImage, Decoded, Decoder,
+                                   Reason, decode_image, image_id)
 from pipelines.resources import RESOURCE_REQUESTS, Stage
 from tipsv2.data import schema
-from tipsv2.data.schema import image_id
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
-SIDECAR_SUFFIXES = (".txt", ".json")
 MANIFEST_SUFFIXES = (".parquet", ".jsonl")
 TAR_SUFFIXES = (".tar",)
-ALT_TEXT_KEYS = ("alt_text", "caption", "text")
-TAR_MEMBER_BITS = 24  # sort key = shard order << 24 | member order (up to 16M samples per shard)
+__all__ = ["BadImage", "Decoded", "Reason", "decode_image", "image_id", "RGB_CONVERTIBLE_MODES", "IngestConfig",
+           "SourceKind", "run", "main"]
 
 
 class SourceKind(str, enum.Enum):
@@ -47,19 +43,6 @@ class SourceKind(str, enum.Enum):
     DIRECTORY = "directory"
     TAR = "tar"
     MANIFEST = "manifest"
-
-
-class Reason(str, enum.Enum):
-    EMPTY_FILE = "empty_file"
-    NOT_AN_IMAGE = "not_an_image"
-    TRUNCATED = "truncated"
-    DECOMPRESSION_BOMB = "decompression_bomb"
-    UNSUPPORTED_MODE = "unsupported_mode"
-    UNREADABLE = "unreadable"
-
-
-# Modes that convert to RGB without silently clipping values (16-bit and float images would).
-RGB_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "La", "CMYK", "YCbCr")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,54 +62,6 @@ def default() -> IngestConfig:
 
 
 PRESETS = {"default": default, "tiny": default, "demo": default}
-
-
-class BadImage(Exception):
-    def __init__(self, reason: Reason, detail: str):
-        super().__init__(f"{reason.value}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Decoded:
-    format: str
-    width: int   # pixels
-    height: int  # pixels
-
-
-def decode_image(data: bytes, *, max_pixels: int, allowed_modes: tuple[str, ...]) -> Decoded:
-    """Verify, fully load and convert to RGB; raise BadImage(reason, detail) on any failure."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadImage(Reason.EMPTY_FILE, "0 bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height, fmt, mode = im.width, im.height, im.format, im.mode
-                if width * height > max_pixels:
-                    raise BadImage(Reason.DECOMPRESSION_BOMB,
-                                   f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
-                im.verify()
-            if mode not in allowed_modes:
-                raise BadImage(Reason.UNSUPPORTED_MODE, f"mode {mode!r} not in allowed_modes {list(allowed_modes)}")
-            with Image.open(io.BytesIO(data)) as im:
-                im.seek(0)  # first frame of animations
-                im.load()
-                rgb = im.convert("RGB")
-                rgb.getpixel((0, 0))
-        except BadImage:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise BadImage(Reason.DECOMPRESSION_BOMB, str(err)) from None
-        except UnidentifiedImageError as err:
-            raise BadImage(Reason.NOT_AN_IMAGE, str(err)) from None
-        except (OSError, SyntaxError, EOFError) as err:
-            raise BadImage(Reason.TRUNCATED, f"{type(err).__name__}: {err}") from None
-        except ValueError as err:
-            raise BadImage(Reason.UNSUPPORTED_MODE, f"mode {mode!r}: {err}") from None
-    return Decoded(format=str(fmt), width=int(width), height=int(height))
 
 
 # ---------------------------------------------------------------- listing the source (driver side)
@@ -196,88 +131,6 @@ def list_items(cfg: IngestConfig) -> tuple[list[dict[str, Any]], int]:
     return items, ignored
 
 
-# ---------------------------------------------------------------- reading + decoding (Ray tasks)
-
-def _alt_text_from_sidecar(name: str, data: bytes) -> str | None:
-    text = data.decode("utf-8", errors="replace")
-    if name.lower().endswith(".json"):
-        obj = json.loads(text)
-        for key in ALT_TEXT_KEYS:
-            if isinstance(obj, dict) and isinstance(obj.get(key), str):
-                return obj[key].strip()
-        return None
-    return text.strip() or None
-
-
-def _tar_samples(data: bytes) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(member name, image bytes, alt-text) for each image in a webdataset-style tar shard, in order."""
-    groups: dict[str, dict[str, Any]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = posixpath.basename(member.name)
-            key = posixpath.join(posixpath.dirname(member.name), base.split(".", 1)[0])
-            group = groups.setdefault(key, {"image": None, "alt": None, "name": None})
-            payload = tar.extractfile(member).read()
-            if base.lower().endswith(IMAGE_SUFFIXES) and group["name"] is None:
-                group["image"], group["name"] = payload, member.name
-            elif base.lower().endswith(SIDECAR_SUFFIXES):
-                group["alt"] = _alt_text_from_sidecar(base, payload)
-    for group in groups.values():
-        if group["name"] is not None:
-            yield group["name"], group["image"], group["alt"]
-
-
-class Decoder:
-    """flat_map function: one work item (a file or a tar shard) -> rows, valid or error."""
-
-    def __init__(self, cfg: IngestConfig):
-        self.cfg = cfg
-
-    def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        try:
-            data = storage.read_bytes(item["source"])
-        except Exception as err:  # a missing object, a permission or network error: record, go on
-            return [self._error(item["source"], item["order"] << TAR_MEMBER_BITS, Reason.UNREADABLE,
-                                f"{type(err).__name__}: {err}")]
-        if not item["tar"]:
-            alt = item["alt_text"]
-            if item["sidecar"]:
-                alt = self._read_sidecar(item["sidecar"], alt)
-            return [self._row(item["source"], item["order"] << TAR_MEMBER_BITS, data, alt)]
-        try:
-            samples = list(_tar_samples(data))
-        except (tarfile.TarError, EOFError, OSError) as err:
-            return [self._error(item["source"], item["order"] << TAR_MEMBER_BITS, Reason.UNREADABLE,
-                                f"bad tar shard: {type(err).__name__}: {err}")]
-        return [self._row(f"{item['source']}#{name}", (item["order"] << TAR_MEMBER_BITS) + i, payload, alt)
-                for i, (name, payload, alt) in enumerate(samples)]
-
-    @staticmethod
-    def _read_sidecar(uri: str, fallback: str | None) -> str | None:
-        try:
-            return _alt_text_from_sidecar(uri, storage.read_bytes(uri))
-        except (OSError, ValueError):
-            return fallback
-
-    def _row(self, source: str, key: int, data: bytes, alt: str | None) -> dict[str, Any]:
-        try:
-            decoded = decode_image(data, max_pixels=self.cfg.max_pixels, allowed_modes=self.cfg.allowed_modes)
-        except BadImage as bad:
-            return self._error(source, key, bad.reason, bad.detail)
-        sha = hashlib.sha256(data).hexdigest()
-        return {"id": image_id(sha), "image": data, "format": decoded.format, "width": decoded.width,
-                "height": decoded.height, "alt_text": alt, "source": source, "sha256": sha, "key": key,
-                "nbytes": len(data), "reason": "", "detail": ""}
-
-    @staticmethod
-    def _error(source: str, key: int, reason: Reason, detail: str) -> dict[str, Any]:
-        return {"id": None, "image": b"", "format": "", "width": 0, "height": 0, "alt_text": None,
-                "source": source, "sha256": "", "key": key, "nbytes": 0, "reason": reason.value,
-                "detail": detail}
-
-
 # ---------------------------------------------------------------- dedup + write
 
 def duplicate_keys(meta: pa.Table) -> set[int]:
@@ -333,17 +186,22 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     import ray.data
 
     clock = cli.Stopwatch()
-    previous = _previous_summary(cfg, output)
-    if previous is not None:
-        return previous
+    previous = cli.done_before(storage.join(output, cli.SUMMARY_FILE), cfg)
+    if previous is not None and previous.get("stage") == "ingest":
+        return {**previous, "skipped": True}
     cli.init_ray()
+    phases = Phases()   # seconds per phase: where an ingest's time goes (bench/caption.py reports them)
     items, ignored = list_items(cfg)
     if not items:
         raise ValueError(f"no images, tar shards or manifest rows found under {cfg.source!r}")
+    phases.lap("list")
     ds = ray.data.from_items(items, override_num_blocks=_ray_blocks(len(items), cfg.read_blocks))
-    decoded = ds.flat_map(Decoder(cfg), num_cpus=cfg.num_cpus_per_task).materialize()
+    decoded = ds.flat_map(Decoder(max_pixels=cfg.max_pixels, allowed_modes=cfg.allowed_modes),
+                          num_cpus=cfg.num_cpus_per_task).materialize()
+    phases.lap("read_decode_hash")
     meta = pa.concat_tables(ray.get(decoded.select_columns(["key", "sha256", "reason", "nbytes"]).to_arrow_refs()))
     dupes = duplicate_keys(meta)
+    phases.lap("dedup")
     valid = meta.filter(pc.equal(meta["reason"], ""))
     mean_bytes = pc.mean(valid["nbytes"]).as_py() if valid.num_rows else 1.0
     group, per_file = rows_per_group(cfg, mean_bytes)
@@ -351,10 +209,13 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     images = decoded.map_batches(images_block, fn_kwargs={"dupes": pa.array(sorted(dupes), pa.int64())},
                                  batch_format="pyarrow", batch_size=None)
     _write(images, images_uri, row_group_size=group, min_rows_per_file=group, max_rows_per_file=per_file)
-    errors = decoded.map_batches(errors_block, batch_format="pyarrow", batch_size=None)
+    phases.lap("write_images")
+    errors = decoded.select_columns(["id", "source", "reason", "detail"]).map_batches(
+        errors_block, batch_format="pyarrow", batch_size=None)
     _write(errors, errors_uri)
+    phases.lap("write_errors")
     reasons = meta.filter(pc.not_equal(meta["reason"], "")).group_by("reason").aggregate([("key", "count")])
-    summary = {
+    summary = cli.done_record(cfg, **{
         "stage": "ingest", "source": cfg.source, "source_kind": source_kind(cfg).value,
         "read": {"items": len(items), "ignored_files": ignored, "samples": meta.num_rows},
         "written": {"images": valid.num_rows - len(dupes), "errors": meta.num_rows - valid.num_rows,
@@ -362,27 +223,24 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
         "duplicates_dropped": len(dupes),
         "errors_by_reason": dict(zip(reasons["reason"].to_pylist(), reasons["key_count"].to_pylist())),
         "row_group_rows": group, "mean_image_bytes": mean_bytes, "mlflow_run_id": None,
-        "wall_time_s": clock.seconds(),
-    }
+        "phases_s": phases.seconds, "wall_time_s": clock.seconds(),
+    })
     summary["mlflow_run_id"] = lineage.log_output(lineage.Kind.IMAGES, images_uri, summary, stage="ingest", output=output)
     cli.write_resolved_config(output, cfg)
     cli.write_summary(output, summary)
     return summary
 
 
-def _previous_summary(cfg: IngestConfig, output: str) -> dict[str, Any] | None:
-    """The summary of an earlier, finished run with the same config and output (then nothing to do)."""
-    from tipsv2 import config_tree
+class Phases:
+    """Wall seconds between successive laps, by name."""
 
-    config_uri, summary_uri = storage.join(output, cli.CONFIG_FILE), storage.join(output, cli.SUMMARY_FILE)
-    if not (storage.exists(config_uri) and storage.exists(summary_uri)):
-        return None
-    if storage.read_json(config_uri) != json.loads(json.dumps(config_tree.to_dict(cfg))):
-        return None
-    summary = storage.read_json(summary_uri)
-    if summary.get("stage") != "ingest":
-        return None
-    return {**summary, "skipped": True}
+    def __init__(self) -> None:
+        self.last, self.seconds = time.perf_counter(), {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -47,9 +47,15 @@ def s3_region(bucket: str, *, endpoint: str | None) -> str:
         raise ValueError(f"cannot find the region of S3 bucket {bucket!r} ({err}); set AWS_REGION") from None
 
 
+S3_MAX_ATTEMPTS = 10   # per request, with the AWS SDK's exponential backoff (its default, 3, gives up on a burst
+                       # of 503 SlowDown under load); AWS_MAX_ATTEMPTS overrides it, as for every AWS SDK
+
+
 def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs: dict[str, Any] = {"region": s3_region(bucket, endpoint=endpoint)}
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
+    kwargs: dict[str, Any] = {"region": s3_region(bucket, endpoint=endpoint),
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path

@@ -88,19 +88,39 @@ def test_prompt_hash_changes_only_for_the_changed_granularity():
     assert all(prompt_hash(base, g) != prompt_hash(hotter, g) for g in schema.Granularity)
 
 
-def test_plan_skips_done_retries_errors_and_redoes_changed_model():
+def test_todo_skips_done_retries_errors_and_redoes_changed_model():
     cfg = caption.default()
     ok = {g.value: caption.provenance(cfg, g, status=Status.OK) for g in schema.Granularity}
-    latest = {
-        "done": {"provenance": ok},
-        "failed": {"provenance": {**ok, "long": caption.provenance(cfg, "long", status=Status.ERROR)}},
-        "rejected": {"provenance": {**ok, "short": caption.provenance(cfg, "short", status=Status.REJECTED)}},
-    }
-    todo = caption.plan(cfg, ["done", "failed", "rejected", "new"], latest)
-    assert sorted(zip(todo["id"].to_pylist(), todo["granularity"].to_pylist())) == sorted(
-        [("failed", "long"), ("new", "short"), ("new", "medium"), ("new", "long")])
+    assert caption.todo_of(cfg, {"provenance": ok}) == []
+    assert caption.todo_of(cfg, {"provenance": {**ok, "long": caption.provenance(cfg, "long", status=Status.ERROR)}}) \
+        == ["long"]
+    assert caption.todo_of(cfg, {"provenance": {**ok, "short": caption.provenance(cfg, "short",
+                                                                                  status=Status.REJECTED)}}) == []
+    assert caption.todo_of(cfg, None) == ["short", "medium", "long"]
     other_model = config_tree.override(cfg, "engine.model_source=other/model")
-    assert caption.plan(other_model, ["done"], latest).num_rows == 3
+    assert caption.todo_of(other_model, {"provenance": ok}) == ["short", "medium", "long"]
+
+
+def test_one_request_prompt_regex_and_parse():
+    import re
+
+    prompts = PromptsConfig()
+    messages = caption.build_request(["short", "long"], "a red bus", {"type": "image"}, prompts=prompts)
+    image, text = messages[0]["content"]
+    assert image == {"type": "image"} and prompts.short.text in text["text"] and prompts.long.text in text["text"]
+    assert prompts.medium.text not in text["text"] and '"a red bus"' in text["text"]
+    regex = caption.output_regex(["short", "long"], prompts)
+    assert re.fullmatch(regex, '{"short": "a bus", "long": "a red bus on a street"}')
+    assert not re.fullmatch(regex, '{"short": "a \\"bus\\"", "long": "x"}')          # no escapes: JSON as written
+    assert not re.fullmatch(regex, '{"short": "' + "x" * (4 * 48 + 1) + '", "long": "x"}')
+    assert caption.request_max_tokens(["short"], prompts) >= 4 * 48 + len('{"short": ""}')
+    assert caption.parse_fields('{"short": "a bus", "long": "a red bus"}', ["short", "long"]) == {
+        "short": "a bus", "long": "a red bus"}
+    assert caption.parse_fields('{"short": "a bus", "long": "a red', ["short", "long"]) == {
+        "short": "a bus", "long": None}                                                  # cut off: keep what closed
+    assert caption.parse_fields("garbage", ["short"]) == {"short": None}
+    assert caption.finish_caption(None, "", quality=caption.QualityConfig())[1] == Status.REJECTED
+    assert caption.finish_caption("x", "boom", quality=caption.QualityConfig())[1:] == (Status.ERROR, "boom")
 
 
 def test_presets_and_cli_overrides():
@@ -162,6 +182,7 @@ def _captions(out: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow   # three runs and their compactions: 172 s measured at load average 40-70 on 2 cores
 def test_template_backend_resumes_and_recaptions_only_the_changed_granularity(ray_local, tmp_path):
     ids = _images_table(tmp_path / "in", 20)
     out = tmp_path / "out"
@@ -178,13 +199,14 @@ def test_template_backend_resumes_and_recaptions_only_the_changed_granularity(ra
     assert len(errors) == 4 * 3 and all(e["stage"] == "caption" for e in errors)
 
     again = caption.run(cfg, str(out))       # errors are retried, the rest is skipped
-    assert again["read"]["requests"] == 12 and again["read"]["already_captioned_ids"] == 16
+    assert again["read"]["captions_to_do"] == 12 and again["read"]["already_captioned_ids"] == 16
 
     changed = config_tree.override(cfg, "template.medium=Medium: {alt_text}")
     third = caption.run(changed, str(out))
-    assert third["read"]["requests"] == 20 + 8    # every medium, plus short/long still failing
+    assert third["read"]["captions_to_do"] == 20 + 8    # every medium, plus short/long still failing
     new = {r["id"]: r for r in _captions(out)}
-    assert len(_captions(out)) == 20 and len(list((out / "captions").glob("*.parquet"))) == 1
+    # one compacted file per input file (partition)
+    assert len(_captions(out)) == 20 and len(list((out / "captions").rglob("*.parquet"))) == 2
     assert new["img001"]["caption_medium"] == "Medium: thing number 1"
     assert new["img001"]["provenance"]["short"] == rows["img001"]["provenance"]["short"]
     assert new["img001"]["provenance"]["medium"]["created_at"] > rows["img001"]["provenance"]["medium"]["created_at"]
@@ -210,18 +232,23 @@ def test_template_backend_ground_truth_parquet(ray_local, tmp_path):
 def test_compaction_merges_generations_latest_wins(tmp_path):
     cfg = dataclasses.replace(caption.template(), granularities=(schema.Granularity.SHORT,))
     prov = {"short": caption.provenance(cfg, "short", status=Status.OK)}
-    caption.commit(str(tmp_path), caption._part_name(1, 0), [{"id": "a", "caption_short": "old a",
-                                                              "provenance": prov},
-                                                             {"id": "b", "caption_short": "b", "provenance": prov}],
-                   cfg.granularities)
-    caption.commit(str(tmp_path), caption._part_name(2, 0), [{"id": "a", "caption_short": "new a",
-                                                              "provenance": prov}], cfg.granularities)
-    result = caption.compact(str(tmp_path), ["a", "b"], cfg.granularities)
-    table = pq.read_table(io.BytesIO((tmp_path / "captions" / "part-000003-c00000.parquet").read_bytes()))
-    assert table.to_pydict()["caption_short"] == ["new a", "b"] and result["rows"] == 2
-    assert len(list((tmp_path / "captions").glob("*.parquet"))) == 1
-    with pytest.raises(RuntimeError, match="lacks 1 of 3 input ids"):
-        caption.compact(str(tmp_path), ["a", "b", "c"], cfg.granularities)
+    pq.write_table(pa.table({"id": ["a", "b"]}), tmp_path / "in.parquet")
+    out = str(tmp_path / "out")
+    caption.commit(out, "in", 1, [{"id": "a", "caption_short": "old a", "provenance": prov},
+                                  {"id": "b", "caption_short": "b", "provenance": prov},
+                                  {"id": "gone", "caption_short": "g", "provenance": prov}], cfg.granularities)
+    caption.commit(out, "in", 2, [{"id": "a", "caption_short": "new a", "provenance": prov}], cfg.granularities)
+    item = {"partition": "in", "input_file": str(tmp_path / "in.parquet")}
+    result = caption.compact_partition(item, output=out, generation=3, granularities=cfg.granularities)
+    files = list((tmp_path / "out" / "captions" / "in").glob("*.parquet"))
+    assert [f.name for f in files] == [caption.part_name(3, "compacted")]
+    table = pq.read_table(io.BytesIO(files[0].read_bytes()))
+    assert table.to_pydict()["caption_short"] == ["new a", "b"]
+    assert (result["rows"], result["missing"], result["stale_ids_dropped"]) == (2, 0, 1)
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "in.parquet")
+    missing = caption.compact_partition(item, output=out, generation=4, granularities=cfg.granularities)
+    assert (missing["missing"], missing["missing_example"]) == (1, "c")
+    assert len(list((tmp_path / "out" / "captions" / "in").glob("*.parquet"))) == 1    # left as it was
 
 
 def test_cli_json_file_is_merged_over_the_default_preset(tmp_path):

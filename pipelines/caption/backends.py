@@ -1,12 +1,16 @@
-"""Caption backends behind one stage interface (Ray Data): requests -> {id, granularity, text, error}.
+"""Caption backends behind one stage interface (Ray Data): one row per image in, one row per image out.
 
-`caption_requests(cfg, images_uri, todo)` reads the images Parquet, joins it with the (id, granularity)
-pairs still to do (one request per pair), runs the configured backend and applies the quality gate.
+`caption_images(cfg, requests)` turns image rows {id, partition, todo, previous, alt_text, width, height,
+format[, image]} (`todo`: the comma-joined granularities still to caption) into the same rows plus `raw`,
+a JSON object {granularity: {"text": str | null, "error": str}}, and `prompt_tokens` (vllm; else 0).
 
-- vllm:     ray.data.llm `vLLMEngineProcessorConfig` + `build_processor`; the image is a chat content
-            part (a base64 data URL) or, for text models, the alt-text is the only input. Continue on
-            error: a failed request comes back with `__inference_error__` and is recorded, not fatal.
-- hf:       transformers `generate` on a vision-language model, one actor per replica (small CPU runs).
+- vllm:     ray.data.llm `vLLMEngineProcessorConfig` + `build_processor`, one request per image for all of
+            its granularities (`prompts.build_request`, the answer constrained to JSON by vLLM structured
+            outputs): the image is prefilled once. The image is a chat content part (a base64 data URL) or,
+            for text models, the alt-text is the only input. Continue on error: a failed request comes back
+            with `__inference_error__` and is recorded for each of its granularities, not fatal.
+- hf:       transformers `generate` on a vision-language model, one actor per replica (small CPU runs),
+            one prompt per granularity.
 - template: captions from metadata: a ground-truth Parquet (id + caption_<granularity>) or templates
             over the alt-text and image size.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -23,39 +28,27 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.caption.config import Backend, CaptionConfig, Device, ImageInput
-from pipelines.caption.prompts import build_prompt, finish_request
+from pipelines.caption.prompts import build_prompt, build_request, output_regex, parse_fields, request_max_tokens
 from tipsv2.data.schema import caption_column
 
 REQUEST_COLUMNS = ["id", "alt_text", "width", "height", "format"]
+CARRIED = ["id", "partition", "todo", "previous"]   # travel through every backend untouched
+RAW_SCHEMA = pa.schema([("id", pa.string()), ("partition", pa.string()), ("todo", pa.string()),
+                        ("previous", pa.string()), ("raw", pa.string()), ("prompt_tokens", pa.int64())])
 
 
 def needs_image(cfg: CaptionConfig) -> bool:
     return cfg.backend != Backend.TEMPLATE and cfg.image_input == ImageInput.CONTENT_PART
 
 
-def expand_requests(batch: pa.Table, *, todo: pa.Table) -> pa.Table:
-    """Images batch x todo pairs -> one row per (id, granularity) still to caption."""
-    return batch.join(todo, keys="id", join_type="inner")
-
-
-def request_dataset(cfg: CaptionConfig, images_uri: str, todo: pa.Table):
-    import ray.data
-
-    fs, path = storage.filesystem(images_uri)
-    columns = REQUEST_COLUMNS + (["image"] if needs_image(cfg) else [])
-    images = ray.data.read_parquet(path, filesystem=fs, columns=columns)
-    requests = images.map_batches(expand_requests, fn_kwargs={"todo": todo}, batch_format="pyarrow",
-                                  num_cpus=cfg.engine.stage_cpus)
-    # Blocks of one engine batch: results stream back (commits, watchdog) instead of one block at the end.
-    return requests.repartition(target_num_rows_per_block=cfg.engine.batch_size)
-
-
-def caption_requests(cfg: CaptionConfig, images_uri: str, todo: pa.Table):
-    """Dataset of {id, granularity, caption, status, detail}, one row per todo pair."""
-    requests = request_dataset(cfg, images_uri, todo)
-    raw = {Backend.VLLM: vllm_captions, Backend.HF: hf_captions, Backend.TEMPLATE: template_captions}[cfg.backend](
+def caption_images(cfg: CaptionConfig, requests):
+    """Dataset of RAW_SCHEMA rows, one per image row of `requests`."""
+    return {Backend.VLLM: vllm_captions, Backend.HF: hf_captions, Backend.TEMPLATE: template_captions}[cfg.backend](
         cfg, requests)
-    return raw.map(finish_request, fn_kwargs={"quality": cfg.quality}, num_cpus=cfg.engine.stage_cpus)
+
+
+def raw_row(row: dict[str, Any], raw: dict[str, dict[str, Any]], prompt_tokens: int = 0) -> dict[str, Any]:
+    return {**{k: row[k] for k in CARRIED}, "raw": json.dumps(raw), "prompt_tokens": int(prompt_tokens)}
 
 
 # ---------------------------------------------------------------- images
@@ -81,33 +74,36 @@ def data_url(data: bytes, max_side: int) -> str:
 # ---------------------------------------------------------------- vllm (ray.data.llm)
 
 class VllmPreprocess:
-    """Request row -> {messages, sampling_params} plus the keys that travel to the output."""
+    """Image row -> one request {messages, sampling_params} for all its granularities, plus CARRIED."""
 
     def __init__(self, cfg: CaptionConfig):
         self.cfg = cfg
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, todo = self.cfg, row["todo"].split(",")
         part = None
         if cfg.image_input == ImageInput.CONTENT_PART:
             part = {"type": "image_url", "image_url": {"url": data_url(row["image"], cfg.engine.max_image_side)}}
         sampling = {"temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
-                    "max_tokens": cfg.prompts.get(row["granularity"]).max_tokens}
+                    "max_tokens": request_max_tokens(todo, cfg.prompts),
+                    "structured_outputs": {"regex": output_regex(todo, cfg.prompts)}}
         if cfg.sampling.seed >= 0:
             sampling["seed"] = cfg.sampling.seed
-        return {"id": row["id"], "granularity": row["granularity"], "sampling_params": sampling,
-                "messages": build_prompt(row["granularity"], row["alt_text"], part, prompts=cfg.prompts)}
+        return {**{k: row[k] for k in CARRIED}, "sampling_params": sampling,
+                "messages": build_request(todo, row["alt_text"], part, prompts=cfg.prompts)}
 
 
 def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "granularity": row["granularity"], "text": row["generated_text"], "error": ""}
+    fields = parse_fields(row["generated_text"], row["todo"].split(","))
+    return raw_row(row, {g: {"text": text, "error": ""} for g, text in fields.items()}, row["num_input_tokens"])
 
 
 def vllm_result(row: dict[str, Any]) -> dict[str, Any]:
-    """Normalise success rows and the error rows that bypass postprocess to one schema."""
-    error = row.get("__inference_error__") or row.get("error") or ""
-    text = "" if error else row.get("text") or ""
-    return {"id": row["id"], "granularity": row["granularity"], "text": text, "error": str(error)}
+    """Success rows as they are; the error rows that bypass postprocess: the error for each granularity."""
+    error = row.get("__inference_error__") or ""
+    if not error:
+        return {k: row[k] for k in RAW_SCHEMA.names}
+    return raw_row(row, {g: {"text": None, "error": str(error)} for g in row["todo"].split(",")})
 
 
 def placement(cfg: CaptionConfig) -> dict[str, Any]:
@@ -160,7 +156,7 @@ def vllm_captions(cfg: CaptionConfig, requests):
 # ---------------------------------------------------------------- hf (transformers generate)
 
 class HFCaptioner:
-    """Ray Data actor: a transformers vision-language model loaded once, `generate` per batch."""
+    """Ray Data actor: a transformers vision-language model loaded once, `generate` per granularity."""
 
     def __init__(self, cfg: CaptionConfig):
         import torch
@@ -172,49 +168,46 @@ class HFCaptioner:
         dtype = torch.float32 if cfg.engine.dtype in ("auto", "float32") else getattr(torch, cfg.engine.dtype)
         self.model = AutoModelForImageTextToText.from_pretrained(cfg.engine.model_source, dtype=dtype).eval()
 
-    def _prompt(self, row: dict[str, Any]) -> str:
-        messages = build_prompt(row["granularity"], row["alt_text"], {"type": "image"}, prompts=self.cfg.prompts)
+    def _prompt(self, row: dict[str, Any], granularity: str) -> str:
+        messages = build_prompt(granularity, row["alt_text"], {"type": "image"}, prompts=self.cfg.prompts)
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return messages[0]["content"][1]["text"]
 
-    def _generate(self, rows: list[dict[str, Any]]) -> list[str]:
+    def _generate(self, rows: list[dict[str, Any]], granularity: str) -> list[str]:
         import torch
 
         images = [prepared_image(r["image"], self.cfg.engine.max_image_side) for r in rows]
-        inputs = self.processor(text=[self._prompt(r) for r in rows], images=images, return_tensors="pt",
-                                padding=True)
+        inputs = self.processor(text=[self._prompt(r, granularity) for r in rows], images=images,
+                                return_tensors="pt", padding=True)
         inputs.pop("labels", None)
         sampling = self.cfg.sampling
         torch.manual_seed(sampling.seed)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=self.cfg.prompts.get(rows[0]["granularity"]).max_tokens,
+            out = self.model.generate(**inputs, max_new_tokens=self.cfg.prompts.get(granularity).max_tokens,
                                       do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
                                       top_p=sampling.top_p if sampling.temperature > 0 else None)
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
 
-    def _rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Generate for rows of one granularity; a failing batch is retried row by row to isolate errors."""
+    def _fields(self, rows: list[dict[str, Any]], granularity: str) -> list[dict[str, Any]]:
+        """{text, error} per row for one granularity; a failing batch is retried row by row to isolate errors."""
         try:
-            texts = self._generate(rows)
-            return [{"id": r["id"], "granularity": r["granularity"], "text": t, "error": ""} for r, t in zip(rows, texts)]
+            return [{"text": t, "error": ""} for t in self._generate(rows, granularity)]
         except Exception as err:  # recorded per row below; one bad image must not fail the batch
             if len(rows) == 1:
-                return [{"id": rows[0]["id"], "granularity": rows[0]["granularity"], "text": "",
-                         "error": f"{type(err).__name__}: {err}"}]
-            return [out for r in rows for out in self._rows([r])]
+                return [{"text": None, "error": f"{type(err).__name__}: {err}"}]
+            return [out for r in rows for out in self._fields([r], granularity)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        out = []
-        for g in sorted({r["granularity"] for r in rows}):
-            out += self._rows([r for r in rows if r["granularity"] == g])
-        return pa.Table.from_pylist(out, schema=RAW_SCHEMA)
-
-
-RAW_SCHEMA = pa.schema([("id", pa.string()), ("granularity", pa.string()), ("text", pa.string()),
-                        ("error", pa.string())])
+        raws: list[dict[str, Any]] = [{} for _ in rows]
+        for g in self.cfg.granularities:
+            index = [i for i, r in enumerate(rows) if g.value in r["todo"].split(",")]
+            if index:
+                for i, got in zip(index, self._fields([rows[i] for i in index], g.value)):
+                    raws[i][g.value] = got
+        return pa.Table.from_pylist([raw_row(r, raw) for r, raw in zip(rows, raws)], schema=RAW_SCHEMA)
 
 
 def hf_captions(cfg: CaptionConfig, requests):
@@ -235,22 +228,23 @@ def ground_truth(cfg: CaptionConfig) -> pa.Table | None:
 
 
 def template_batch(batch: pa.Table, *, cfg: CaptionConfig, truth: pa.Table | None) -> pa.Table:
-    rows = batch.to_pylist()
     known = {}
     if truth is not None:
-        wanted = truth.filter(pc.is_in(truth["id"], batch["id"]))
-        known = {r["id"]: r for r in wanted.to_pylist()}
+        known = {r["id"]: r for r in truth.filter(pc.is_in(truth["id"], batch["id"])).to_pylist()}
     out = []
-    for r in rows:
-        text, error = "", ""
-        if truth is not None:
-            text = (known.get(r["id"]) or {}).get(caption_column(r["granularity"])) or ""
-            error = "" if text else f"no {caption_column(r['granularity'])} for id {r['id']} in template.captions_path"
-        elif r["alt_text"]:
-            text = getattr(cfg.template, r["granularity"]).format(**r)
-        else:
-            error = "no alt_text to fill the template"
-        out.append({"id": r["id"], "granularity": r["granularity"], "text": text, "error": error})
+    for r in batch.to_pylist():
+        raw = {}
+        for g in r["todo"].split(","):
+            text, error = None, ""
+            if truth is not None:
+                text = (known.get(r["id"]) or {}).get(caption_column(g))
+                error = "" if text else f"no {caption_column(g)} for id {r['id']} in template.captions_path"
+            elif r["alt_text"]:
+                text = getattr(cfg.template, g).format(**r)
+            else:
+                error = "no alt_text to fill the template"
+            raw[g] = {"text": text, "error": error}
+        out.append(raw_row(r, raw))
     return pa.Table.from_pylist(out, schema=RAW_SCHEMA)
 
 

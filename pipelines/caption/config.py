@@ -114,7 +114,7 @@ class CaptionConfig:
     quality: QualityConfig = QualityConfig()
     template: TemplateConfig = TemplateConfig()
     watchdog: WatchdogConfig = WatchdogConfig()
-    shard_rows: int = 1000                 # image rows per committed output file
+    shard_rows: int = 1000                 # images per writer batch: one file per input partition in it
     ray_num_cpus: int = 0                  # local Ray only: logical CPUs to declare (0 = detect)
 
 

@@ -6,31 +6,34 @@
     python -m pipelines.caption --config hf --set engine.model_source=/path/vlm ...   # transformers, images
     python -m pipelines.caption --config template ...           # captions from metadata, no model
 
-Reads `<input>/images/*.parquet` (the ingest output; or `input` itself if it holds the Parquet files).
-One request per (image, granularity); each backend (pipelines/caption/backends.py) turns requests into raw
-text, `parse_caption` applies the quality gate. The driver gathers the granularities of each id and
-commits complete rows in files of `shard_rows` rows, each written atomically and named
-`captions/part-<generation>-<seq>.parquet`; a later generation wins for an id. A rerun skips every
-(id, granularity) whose provenance (backend, model, prompt hash) still matches and whose status is not
-an error, so a changed prompt or model recaptions only the affected granularities. The run ends with a
-compaction that leaves every input id exactly once (verified) and rewrites `errors/` from provenance.
+Reads `<input>/images/*.parquet` (the ingest output; or `input` itself if it holds the Parquet files) and
+streams it through three steps in Ray tasks (pipelines/caption/tasks.py): an anti-join of each block against
+its partition of the output (the images with a granularity still to do), a backend (backends.py; vllm asks
+for every granularity of an image in one request), and a writer that applies the quality gate
+(`parse_caption`) and commits complete rows under `captions/<partition>/`. The driver holds no per-id
+state: it iterates counters and, at the end, maps `compact_partition` over the input files, which leaves
+every input id exactly once per partition (verified) and rewrites `errors/` from provenance (store.py).
+A rerun skips every (id, granularity) whose provenance (backend, model, prompt hash) still matches and
+whose status is not an error, so a changed prompt or model recaptions only the affected granularities.
 A watchdog fails the job loudly when no output arrives for `watchdog.progress_timeout_s` seconds.
 """
 
 from __future__ import annotations
 
+import json
 import queue
+import re
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterator
 
-import pyarrow.parquet as pq
 
 from pipelines import cli, lineage, storage
-from pipelines.caption import backends
 from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig
-from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, Assembler, caption_files, compact, model_name,
-                                     plan, read_latest)
+from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, compact_partition, model_name, partition_name,
+                                     partitions_on_disk)
+from pipelines.caption.tasks import COUNTERS, caption_dataset
 
 
 def images_uri(cfg: CaptionConfig) -> str:
@@ -40,13 +43,24 @@ def images_uri(cfg: CaptionConfig) -> str:
     return nested if storage.exists(nested) else cfg.input
 
 
-def read_input_ids(uri: str) -> list[str]:
-    fs, path = storage.filesystem(uri)
-    ids = pq.read_table(path, filesystem=fs, columns=["id"])["id"].to_pylist()
-    if len(ids) != len(set(ids)):
-        raise ValueError(f"input {uri!r} has duplicate ids ({len(ids)} rows, {len(set(ids))} distinct)")
-    return ids
+class StageFailed(RuntimeError):
+    """The stage stopped (storage, engine, watchdog); what was committed stays and a rerun resumes."""
 
+
+WRAPPERS = ("RayTaskError", "UserCodeException", "StageFailed", "RayError")
+ERROR_LINE = re.compile(r"^\s*([\w.]*(?:Error|Exception)\w*(?:\([\w.]+\))?): (.+)$")
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error in one line. A Ray task's error reaches the driver wrapped (RayTaskError,
+    UserCodeException) with the task's own only in the traceback text: the first error line there that is
+    not a wrapper's."""
+    text = "".join(traceback.format_exception(err))
+    for line in text.splitlines():
+        match = ERROR_LINE.match(line)
+        if match and not any(w in match.group(1) for w in WRAPPERS):
+            return f"{match.group(1)}: {match.group(2).strip()}"[:1000]
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:1000]
 
 
 class Stalled(RuntimeError):
@@ -87,9 +101,10 @@ class Pace:
     """When results arrive: the start-up (until the first batch: engine start included) apart from the
     steady rate, what a long job runs at. The steady rate is taken between the arrivals that complete
     `window` of the total (10 % and 90 % by default): there the pipeline is full at both ends, while the
-    first batches carry work done during the start-up and the last ones drain it."""
+    first batches carry work done during the start-up and the last ones drain it. With `total` None the
+    total is what arrived in the end (the driver does not know in advance how much is left to do)."""
 
-    def __init__(self, total: int, *, window: tuple[float, float] = (0.1, 0.9),
+    def __init__(self, total: int | None = None, *, window: tuple[float, float] = (0.1, 0.9),
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.total, self.window, self.clock = total, window, clock
         self.start = clock()
@@ -103,7 +118,8 @@ class Pace:
         if not self.arrivals:
             return {}
         out = {"first_output_s": round(self.arrivals[0][0] - self.start, 3)}
-        low, high = (fraction * self.total for fraction in self.window)
+        total = self.arrivals[-1][1] if self.total is None else self.total
+        low, high = (fraction * total for fraction in self.window)
         inside = [(t, n) for t, n in self.arrivals if low <= n <= high]
         if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
             (t0, n0), (t1, n1) = inside[0], inside[-1]
@@ -114,39 +130,68 @@ class Pace:
 def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     clock = cli.Stopwatch()
     source = images_uri(cfg)
-    input_ids = read_input_ids(source)
-    latest = read_latest(output, cfg.granularities)
-    todo = plan(cfg, input_ids, latest)
-    files = caption_files(output)
-    assembler = Assembler(cfg, output, todo, latest, generation=(files[-1][0] if files else 0) + 1)
+    generation = time.time_ns()   # files of this run win over earlier ones for an id
     cli.write_resolved_config(output, cfg)
-    pace = Pace(todo.num_rows)
-    if todo.num_rows:
-        cli.init_ray(cfg.ray_num_cpus)
-        results = backends.caption_requests(cfg, source, todo)
+    cli.init_ray(cfg.ray_num_cpus)
+    pace, counts = Pace(), dict.fromkeys(COUNTERS.names, 0)
+    results = caption_dataset(cfg, source, output, generation)
+    try:
         for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog):
-            pace.arrived(batch.num_rows)
-            for result in batch.to_pylist():
-                assembler.add(result)
-        assembler.flush()
-        if assembler.pending:
-            raise RuntimeError(f"{len(assembler.pending)} ids got only some granularities from the engine")
-    caption_seconds = clock.seconds()
-    final = compact(output, input_ids, cfg.granularities)
+            for row in batch.to_pylist():
+                pace.arrived(row["images"])
+                counts = {k: counts[k] + row[k] for k in counts}
+        caption_seconds = clock.seconds()
+        final = compact(cfg, source, output, generation)
+    except Exception as err:
+        raise StageFailed(f"caption stopped after committing {counts['images']} images in this run: "
+                          f"{_root_cause(err)}. Every committed file is complete and stays; rerun the same command "
+                          f"to resume (finished images are skipped)") from err
     summary = {
         "stage": "caption", "backend": cfg.backend.value, "model": model_name(cfg), "input": source,
-        "read": {"input_ids": len(input_ids), "already_captioned_ids": len(input_ids) - len(assembler.expected),
-                 "requests": todo.num_rows},
-        "written": {"rows_this_run": assembler.committed, "files_this_run": len(assembler.files),
+        "read": {"input_ids": final.pop("input_ids"), "already_captioned_ids": max(0, final["rows"] - counts["images"]),
+                 "images_to_caption": counts["images"], "captions_to_do": counts["captions"],
+                 "requests": counts["images"] if cfg.backend.value == "vllm" else counts["captions"],
+                 "prompt_tokens": counts["prompt_tokens"]},
+        "written": {"rows_this_run": counts["images"], "files_this_run": counts["files"],
                     "captions_path": storage.join(output, CAPTIONS_DIR), "errors_path": storage.join(output, ERRORS_DIR),
                     **final},
-        "metrics": {"requests_per_s": round(todo.num_rows / max(caption_seconds, 1e-9), 3), **pace.metrics()},
+        "metrics": {"images_per_s": round(counts["images"] / max(caption_seconds, 1e-9), 3),
+                    "captions_per_s": round(counts["captions"] / max(caption_seconds, 1e-9), 3), **pace.metrics()},
         "mlflow_run_id": None, "wall_time_s": clock.seconds(),
     }
     summary["mlflow_run_id"] = lineage.log_output(lineage.Kind.CAPTIONS, storage.join(output, CAPTIONS_DIR), summary,
                                                   stage="caption", output=output)
     cli.write_summary(output, summary)
     return summary
+
+
+def compact(cfg: CaptionConfig, source: str, output: str, generation: int) -> dict[str, Any]:
+    """`compact_partition` over every input file (Ray tasks); partitions of files no longer in the input are
+    deleted. Fails loudly, after compacting the complete partitions, if any input id has no row."""
+    import ray.data
+
+    _, root = storage.filesystem(source)
+    files = storage.list_files(source, suffixes=(".parquet",))
+    items = [{"partition": partition_name(storage.filesystem(f)[1], root), "input_file": f} for f in files]
+    for orphan in set(partitions_on_disk(output)) - {item["partition"] for item in items}:
+        storage.delete(storage.join(output, CAPTIONS_DIR, orphan))
+    out = {"input_ids": 0, "rows": 0, "missing": 0, "stale_ids_dropped": 0, "errors": 0, "files": len(items)}
+    statuses: dict[str, dict[str, int]] = {}
+    example = ""
+    compacted = ray.data.from_items(items).map(compact_partition, fn_kwargs={
+        "output": output, "generation": generation + 1, "granularities": cfg.granularities},
+        num_cpus=cfg.engine.stage_cpus)
+    for row in compacted.iter_rows():
+        out = {k: out[k] + row[k] if k != "files" else out[k] for k in out}
+        example = example or row["missing_example"]
+        for g, by_status in json.loads(row["status_counts"]).items():
+            for status, n in by_status.items():
+                statuses.setdefault(g, {}).setdefault(status, 0)
+                statuses[g][status] += n
+    if out["missing"]:
+        raise RuntimeError(f"caption output lacks {out['missing']} of {out['input_ids']} input ids (e.g. {example!r}); "
+                           f"rerun the stage to caption them")
+    return {**out, "rows_by_status": statuses}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -1,8 +1,18 @@
-"""Exactly-once output and resume: provenance per (id, granularity), what still needs a caption, and the
-files under `<output>/captions/` (each committed atomically, a later generation wins) and `errors/`.
+"""Exactly-once output and resume with no per-id state on the driver: a partitioned anti-join.
 
-A rerun skips every (id, granularity) whose provenance (backend, model, prompt hash) still matches and whose
-status is not an error; the final `compact` leaves every input id exactly once (verified).
+Layout (one partition per input images Parquet file, named after it):
+
+    <output>/captions/<partition>/part-<generation>-<writer>.parquet   complete rows: id, caption_*, provenance
+    <output>/errors/<partition>.parquet                                rewritten from provenance by compaction
+
+The task that reads a block of an input file reads that partition's committed rows (its done-set, a few
+thousand rows) and keeps only the images with a granularity still to do (`todo_of`); the writer task writes
+its captioned rows into the same partition, one atomic file per block. Ray may run a task twice (a retry
+after a lost worker): both files hold complete rows and the latest name wins. `compact_partition` merges a
+partition into one file holding every input id of that file exactly once (verified), drops the rest and
+rewrites its errors. No step holds more than one partition; the driver holds file names and counters.
+A later generation (the run's start time in ns) wins for an id; a rerun skips every (id, granularity)
+whose provenance (backend, model, prompt hash) still matches and whose status is not an error.
 """
 
 from __future__ import annotations
@@ -13,10 +23,11 @@ import hashlib
 import io
 import json
 import re
+import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -24,11 +35,11 @@ from pipelines.caption.config import Backend, CaptionConfig, Status
 from tipsv2.data.schema import ERRORS, Granularity, caption_column, captions_schema
 
 CAPTIONS_DIR, ERRORS_DIR = "captions", "errors"
-PART_RE = re.compile(r"part-(\d{6})-(\w+)\.parquet$")
-COMPACT_ROWS = 500_000  # rows per file written by the final compaction
+PART_RE = re.compile(r"part-(\d+)-(\w+)\.parquet$")
+COMPACTED = "compacted"   # writer name of a partition's compacted file
 
 
-# ---------------------------------------------------------------- provenance and the plan
+# ---------------------------------------------------------------- provenance and what is still to do
 
 def model_name(cfg: CaptionConfig) -> str:
     if cfg.backend == Backend.TEMPLATE:
@@ -55,67 +66,109 @@ def provenance(cfg: CaptionConfig, granularity: Granularity | str, *, status: St
             "created_at": created_at or datetime.datetime.now(datetime.timezone.utc).isoformat()}
 
 
-def needs_caption(cfg: CaptionConfig, granularity: Granularity | str, previous: dict[str, Any] | None) -> bool:
+def stamps(cfg: CaptionConfig) -> dict[str, tuple[str, str, str]]:
+    """(backend, model, prompt hash) per granularity: what a committed caption must match to be kept.
+    Computed once per block, not per row (a hash each)."""
+    return {g.value: (cfg.backend.value, model_name(cfg), prompt_hash(cfg, g)) for g in cfg.granularities}
+
+
+def needs_caption(cfg: CaptionConfig, granularity: Granularity | str, previous: dict[str, Any] | None,
+                  stamp: tuple[str, str, str] | None = None) -> bool:
     """True when there is no usable caption for this granularity under the current config."""
     if previous is None or previous.get("status") == Status.ERROR.value:
         return True
-    return (previous.get("backend"), previous.get("model"), previous.get("prompt_hash")) != (
-        cfg.backend.value, model_name(cfg), prompt_hash(cfg, granularity))
+    stamp = stamp or (cfg.backend.value, model_name(cfg), prompt_hash(cfg, granularity))
+    return (previous.get("backend"), previous.get("model"), previous.get("prompt_hash")) != stamp
 
 
-
-def plan(cfg: CaptionConfig, input_ids: list[str], latest: dict[str, dict[str, Any]]) -> pa.Table:
-    """(id, granularity) pairs that need a caption under `cfg`."""
-    ids, grans = [], []
-    for image_id in input_ids:
-        previous = latest.get(image_id, {}).get("provenance", {})
-        for g in cfg.granularities:
-            if needs_caption(cfg, g, previous.get(g.value)):
-                ids.append(image_id)
-                grans.append(g.value)
-    return pa.table({"id": pa.array(ids, pa.string()), "granularity": pa.array(grans, pa.string())})
+def todo_of(cfg: CaptionConfig, previous: dict[str, Any] | None,
+            current: dict[str, tuple[str, str, str]] | None = None) -> list[str]:
+    """The granularities of one image still to caption, given its committed row (None: never captioned)."""
+    if previous is None:
+        return [g.value for g in cfg.granularities]
+    current = current or stamps(cfg)
+    prov = previous.get("provenance", {})
+    return [g.value for g in cfg.granularities if needs_caption(cfg, g, prov.get(g.value), current[g.value])]
 
 
+def complete_row(cfg: CaptionConfig, image_id: str, previous: dict[str, Any] | None,
+                 results: dict[str, tuple[str | None, Status, str]],
+                 fresh: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The image's output row: fresh results where given, the committed caption and provenance elsewhere.
+    `fresh`: {granularity: provenance(...)} of this block, status and detail then set per result."""
+    fresh = fresh or {g.value: provenance(cfg, g, status=Status.OK) for g in cfg.granularities}
+    row: dict[str, Any] = {"id": image_id, "provenance": {}}
+    for g in cfg.granularities:
+        if g.value in results:
+            caption, status, detail = results[g.value]
+            row[caption_column(g)] = caption
+            row["provenance"][g.value] = {**fresh[g.value], "status": status.value, "detail": detail}
+        else:
+            row[caption_column(g)] = previous[caption_column(g)]
+            row["provenance"][g.value] = previous["provenance"][g.value]
+    return row
 
-# ---------------------------------------------------------------- output files: read, commit, compact
 
-def _part_name(generation: int, seq: int | str) -> str:
-    return f"part-{generation:06d}-{seq if isinstance(seq, str) else f'{seq:06d}'}.parquet"
+# ---------------------------------------------------------------- partitions: read, write, compact
+
+def partition_name(input_file: str, images_root: str) -> str:
+    """The partition of an input file: its path under the images root, without `.parquet`, `/` -> `--`."""
+    rel = input_file[len(images_root):].lstrip("/") if input_file.startswith(images_root) else input_file
+    return re.sub(r"\.parquet$", "", rel).replace("/", "--")
 
 
-def caption_files(output: str) -> list[tuple[int, str]]:
-    files = []
-    for uri in storage.list_files(storage.join(output, CAPTIONS_DIR), suffixes=(".parquet",)):
+def partition_uri(output: str, partition: str) -> str:
+    return storage.join(output, CAPTIONS_DIR, partition)
+
+
+def part_name(generation: int, writer: str) -> str:
+    return f"part-{generation:020d}-{writer}.parquet"
+
+
+def partition_files(output: str, partition: str) -> list[str]:
+    """Committed files of one partition, oldest first (by generation, then name)."""
+    found = []
+    for uri in storage.list_files(partition_uri(output, partition), suffixes=(".parquet",)):
         match = PART_RE.search(uri)
         if match:
-            files.append((int(match.group(1)), uri))
-    return sorted(files)
+            found.append((int(match.group(1)), match.group(2) != COMPACTED, uri))
+    return [uri for *_, uri in sorted(found)]
 
 
-def read_latest(output: str, granularities: tuple[Granularity, ...]) -> dict[str, dict[str, Any]]:
-    """{id: row} from every committed file; for an id in several files the latest generation wins."""
+def _read_file(uri: str, granularities: tuple[Granularity, ...]) -> list[dict[str, Any]]:
+    table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+    for name in (caption_column(g) for g in granularities):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    rows = table.select(["id", *(caption_column(g) for g in granularities), "provenance"]).to_pylist()
+    for row in rows:
+        row["provenance"] = json.loads(row["provenance"])
+    return rows
+
+
+def read_partition(output: str, partition: str, granularities: tuple[Granularity, ...]) -> dict[str, dict[str, Any]]:
+    """{id: row} of one partition; for an id in several files the latest wins (its done-set)."""
     latest: dict[str, dict[str, Any]] = {}
-    columns = [caption_column(g) for g in granularities]
-    for _, uri in caption_files(output):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        for name in columns:
-            if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-        for row in table.select(["id", *columns, "provenance"]).to_pylist():
-            row["provenance"] = json.loads(row["provenance"])
+    for uri in partition_files(output, partition):
+        for row in _read_file(uri, granularities):
             latest[row["id"]] = row
     return latest
 
 
-def commit(output: str, name: str, rows: list[dict[str, Any]], granularities: tuple[Granularity, ...]) -> str:
-    """Write one file of complete rows atomically; returns its URI."""
-    table = pa.Table.from_pylist(
-        [{**r, "provenance": json.dumps(r["provenance"], sort_keys=True)} for r in rows],
-        schema=captions_schema(granularities))
+def write_rows(uri: str, rows: list[dict[str, Any]], granularities: tuple[Granularity, ...]) -> None:
+    """Write one file of complete rows atomically."""
+    table = pa.Table.from_pylist([{**r, "provenance": json.dumps(r["provenance"], sort_keys=True)} for r in rows],
+                                 schema=captions_schema(granularities))
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    uri = storage.join(output, CAPTIONS_DIR, name)
     storage.write_bytes(uri, buf.getvalue())
+
+
+def commit(output: str, partition: str, generation: int, rows: list[dict[str, Any]],
+           granularities: tuple[Granularity, ...]) -> str:
+    """A writer task's rows of one partition as a new file (a unique name: retries never overwrite)."""
+    uri = storage.join(partition_uri(output, partition), part_name(generation, uuid.uuid4().hex[:12]))
+    write_rows(uri, rows, granularities)
     return uri
 
 
@@ -129,31 +182,41 @@ def errors_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(errors, schema=ERRORS)
 
 
-def compact(output: str, input_ids: list[str], granularities: tuple[Granularity, ...]) -> dict[str, Any]:
-    """Rewrite the output so every input id appears exactly once; verify; rewrite errors/ from provenance."""
-    files = caption_files(output)
-    latest = read_latest(output, granularities)
-    missing = [i for i in input_ids if i not in latest]
-    if missing:
-        raise RuntimeError(f"caption output lacks {len(missing)} of {len(input_ids)} input ids "
-                           f"(e.g. {missing[:5]}); rerun the stage to caption them")
-    rows = [latest[i] for i in input_ids]
-    generation = (files[-1][0] if files else 0) + 1
-    written = [commit(output, _part_name(generation, f"c{k // COMPACT_ROWS:05d}"), rows[k:k + COMPACT_ROWS],
-                      granularities) for k in range(0, len(rows), COMPACT_ROWS)]
-    for _, uri in files:
-        storage.delete(uri)
-    ids = pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u)), columns=["id"]) for u in written])
-    if ids.num_rows != len(input_ids) or pc.count_distinct(ids["id"]).as_py() != len(set(input_ids)):
-        raise RuntimeError(f"compaction check failed: {ids.num_rows} rows for {len(input_ids)} input ids")
+def compact_partition(item: dict[str, Any], *, output: str, generation: int,
+                      granularities: tuple[Granularity, ...]) -> dict[str, Any]:
+    """Ray Data map over {partition, input_file}: one file with every input id of the partition exactly once.
+
+    Returns counters only: rows, missing ids (not captioned: the caller fails loudly), stale ids dropped
+    (captioned but no longer in the input file), errors, and statuses per granularity."""
+    partition = item["partition"]
+    fs, path = storage.filesystem(item["input_file"])
+    ids = pq.read_table(path, filesystem=fs, columns=["id"])["id"].to_pylist()
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"input file {item['input_file']!r} has duplicate ids ({len(ids)} rows, "
+                         f"{len(set(ids))} distinct); run pipelines.ingest, it deduplicates")
+    files = partition_files(output, partition)
+    latest = read_partition(output, partition, granularities)
+    rows = [latest[i] for i in ids if i in latest]
+    out = {"partition": partition, "input_ids": len(ids), "rows": len(rows), "missing": len(ids) - len(rows),
+           "missing_example": next((i for i in ids if i not in latest), ""),
+           "stale_ids_dropped": len(set(latest) - set(ids)), "errors": 0, "files_before": len(files),
+           "status_counts": json.dumps(_status_counts(rows))}
+    if out["missing"]:
+        return out   # nothing rewritten: the committed files stay as they are for the next run
+    target = storage.join(partition_uri(output, partition), part_name(generation, COMPACTED))
+    write_rows(target, rows, granularities)
+    check = pq.read_table(io.BytesIO(storage.read_bytes(target)), columns=["id"])["id"].to_pylist()
+    if sorted(check) != sorted(ids):
+        raise RuntimeError(f"compaction check failed for partition {partition!r}: {len(check)} rows for "
+                           f"{len(ids)} input ids")
+    for uri in files:
+        if uri != target:
+            storage.delete(uri)
     errors = errors_table(rows)
-    for uri in storage.list_files(storage.join(output, ERRORS_DIR), suffixes=(".parquet",)):
-        storage.delete(uri)
     buf = io.BytesIO()
     pq.write_table(errors, buf)
-    storage.write_bytes(storage.join(output, ERRORS_DIR, _part_name(generation, 0)), buf.getvalue())
-    return {"rows": ids.num_rows, "files": written, "stale_ids_dropped": len(latest) - len(input_ids),
-            "errors": errors.num_rows, "rows_by_status": _status_counts(rows)}
+    storage.write_bytes(storage.join(output, ERRORS_DIR, f"{partition}.parquet"), buf.getvalue())
+    return {**out, "errors": errors.num_rows}
 
 
 def _status_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -165,48 +228,8 @@ def _status_counts(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return counts
 
 
-
-class Assembler:
-    """Gathers per-granularity results into complete rows and commits them in files of `shard_rows`."""
-
-    def __init__(self, cfg: CaptionConfig, output: str, todo: pa.Table, latest: dict[str, dict[str, Any]],
-                 generation: int):
-        self.cfg, self.output, self.latest, self.generation = cfg, output, latest, generation
-        self.expected: dict[str, set[str]] = {}
-        for image_id, g in zip(todo["id"].to_pylist(), todo["granularity"].to_pylist()):
-            self.expected.setdefault(image_id, set()).add(g)
-        self.pending: dict[str, dict[str, dict[str, Any]]] = {}
-        self.ready: list[dict[str, Any]] = []
-        self.files: list[str] = []
-        self.committed = 0
-
-    def add(self, result: dict[str, Any]) -> None:
-        image_id = result["id"]
-        got = self.pending.setdefault(image_id, {})
-        got[result["granularity"]] = result
-        if set(got) >= self.expected[image_id]:
-            self.ready.append(self._row(image_id, self.pending.pop(image_id)))
-            if len(self.ready) >= self.cfg.shard_rows:
-                self.flush()
-
-    def _row(self, image_id: str, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        previous = self.latest.get(image_id, {})
-        row = {"id": image_id, "provenance": {}}
-        for g in self.cfg.granularities:
-            column = caption_column(g)
-            if g.value in results:
-                res = results[g.value]
-                row[column] = res["caption"]
-                row["provenance"][g.value] = provenance(self.cfg, g, status=Status(res["status"]),
-                                                        detail=res["detail"])
-            else:
-                row[column] = previous.get(column)
-                row["provenance"][g.value] = previous["provenance"][g.value]
-        return row
-
-    def flush(self) -> None:
-        if self.ready:
-            name = _part_name(self.generation, len(self.files))
-            self.files.append(commit(self.output, name, self.ready, self.cfg.granularities))
-            self.committed += len(self.ready)
-            self.ready = []
+def partitions_on_disk(output: str) -> list[str]:
+    """Names of the partition directories under captions/ (one listing, not recursive)."""
+    fs, path = storage.filesystem(storage.join(output, CAPTIONS_DIR))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
