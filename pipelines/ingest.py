@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import io
-import json
 import time
 from typing import Any
 
