@@ -389,7 +389,7 @@ def _previous_summary(cfg: IngestConfig, output: str) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.stage_main(argv, PRESETS, run, description=__doc__)
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, stage="ingest")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Synthetic captions at several granularities on Ray Data (+ ray.data.llm / vLLM), resumable, exactly once.
+r"""Synthetic captions at several granularities on Ray Data (+ ray.data.llm / vLLM), resumable, exactly once.
 
     python -m pipelines.caption --config default --set input=s3://bucket/root --output s3://bucket/root
     python -m pipelines.caption --config tiny --set input=outputs/demo --set engine.model_source=/path/llama \
@@ -6,7 +6,8 @@
     python -m pipelines.caption --config hf --set engine.model_source=/path/vlm ...   # transformers, images
     python -m pipelines.caption --config template ...           # captions from metadata, no model
 
-Reads `<input>/images/*.parquet` (the ingest output; or `input` itself if it holds the Parquet files).
+Reads `<input>/images/*.parquet` (the ingest output; or `input` itself if it holds the Parquet files);
+with `--output ROOT/caption` (a run root, pipelines/layout.py) an unset `input` is ROOT/ingest.
 One request per (image, granularity); each backend (pipelines/caption/backends.py) turns requests into raw
 text, `parse_caption` applies the quality gate. The driver gathers the granularities of each id and
 commits complete rows in files of `shard_rows` rows, each written atomically and named
@@ -148,5 +149,5 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.stage_main(argv, PRESETS, run, description=__doc__)
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, stage="caption")
 
