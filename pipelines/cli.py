@@ -24,13 +24,14 @@ import textwrap
 import time
 from typing import Any, Callable, Protocol, TypeVar
 
-from pipelines import layout, storage
+from pipelines import layout, storage, tracking
 from tipsv2 import config_tree
 
 Cfg = TypeVar("Cfg")
 Summary = TypeVar("Summary")
 
 CONFIG_FILE = "config.json"
+TRACKED = ("ingest", "caption", "pretrain", "distill")   # stages that always open an MLflow run
 SUMMARY_FILE = "summary.json"
 
 
@@ -110,6 +111,8 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
             cfg = flags.apply(cfg, args)
         if stage is not None:
             cfg = layout.connect(stage, cfg, output, check=not (args.print_config or args.list_keys))
+        if stage in TRACKED and output and not (args.print_config or args.list_keys):
+            tracking.store_uri(getattr(getattr(cfg, "tracking", None), "uri", None), output)   # refused: exit 2
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:

@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 
 from pipelines import cli, storage
 from pipelines.resources import RESOURCE_REQUESTS, Stage
+from pipelines.stage_run import tracked
 from tipsv2.data import schema
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
@@ -332,6 +333,7 @@ def _ray_blocks(n_items: int, requested: int) -> int:
     return max(1, min(n_items, requested or 4 * cpus))
 
 
+@tracked("ingest")   # an MLflow run; inputs checked before Ray starts
 def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     import ray
     import ray.data

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from pipelines import caption, cli, ingest, report, storage
-from pipelines.tracking import PARENT_ENV, MlflowSink, default_uri
+from pipelines.tracking import PARENT_ENV, MlflowSink, store_uri
 from tipsv2 import config_tree
 from tipsv2.configs import DistillConfig, PretrainConfig, TrackingConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig
@@ -133,7 +133,7 @@ class Chain:
 
     def __init__(self, cfg: RunAllConfig, output: str) -> None:
         self.cfg, self.output = cfg, output
-        self.uri = cfg.tracking.uri or default_uri(output)
+        self.uri = store_uri(cfg.tracking.uri, output)
         state_uri = storage.join(output, "run_all.json")
         state = storage.read_json(state_uri) if storage.exists(state_uri) else {}
         self.parent = MlflowSink(uri=self.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name
@@ -144,6 +144,7 @@ class Chain:
             storage.write_json(state_uri, {"parent_run_id": self.parent.run_id})
         os.environ[PARENT_ENV] = self.parent.run_id
         os.environ["MLFLOW_TRACKING_URI"] = self.uri
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = cfg.tracking.experiment   # ingest's and caption's runs (stage_run)
         self.results: dict[str, Any] = {}
 
     def step(self, name: str, step_cfg: Any, action: Callable[[str], dict[str, Any]], *, own_run: bool = True) -> dict:
@@ -191,10 +192,10 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
     else:
         source = chain.step("source", cfg.source, lambda out: write_source(cfg.source, out))
     ingest_cfg = replace(cfg.ingest, source=source["images"])
-    chain.step("ingest", ingest_cfg, lambda out: _brief(ingest.run(ingest_cfg, out)))
+    chain.step("ingest", ingest_cfg, lambda out: _brief(ingest.run(ingest_cfg, out)), own_run=False)
     caption_cfg = replace(cfg.caption, input=root("ingest"),
                           template=replace(cfg.caption.template, captions_path=source["ground_truth"]))
-    chain.step("caption", caption_cfg, lambda out: _brief(caption.run(caption_cfg, out)))
+    chain.step("caption", caption_cfg, lambda out: _brief(caption.run(caption_cfg, out)), own_run=False)
     vocab, max_len = cfg.pretrain.data.tokenizer_vocab, cfg.pretrain.task.model.text.max_len
     tok = chain.step("tokenizer", {"vocab": vocab, "max_len": max_len, "caption": config_tree.to_dict(caption_cfg)},
                      lambda out: train_tokenizer_step(root("caption"), root("ingest"), vocab, max_len, out))

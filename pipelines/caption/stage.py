@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pipelines import cli, storage
 from pipelines.caption import backends
 from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig
+from pipelines.stage_run import tracked
 from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, Assembler, caption_files, compact, model_name,
                                      plan, read_latest)
 
@@ -112,6 +113,7 @@ class Pace:
         return out
 
 
+@tracked("caption")   # an MLflow run; inputs checked before Ray starts
 def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     clock = cli.Stopwatch()
     source = images_uri(cfg)
