@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ from pipelines.tracking import PARENT_ENV, MlflowSink, store_uri
 from tipsv2 import config_tree
 
 DEFAULT_EXPERIMENT = "tipsv2"
+log = logging.getLogger(__name__)
 
 
 def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
@@ -71,7 +73,11 @@ def tracked(stage: str) -> Callable:
                 sink.close("FAILED")
                 raise
             if summary.get("skipped") and summary.get("mlflow_run_id"):
-                sink._safely(lambda: sink.client.delete_run(sink.run_id), what="run of a skipped rerun")
+                sink.close()
+                try:   # the earlier run holds this output's record
+                    sink.client.delete_run(sink.run_id)
+                except Exception as err:  # noqa: BLE001 - tracking never fails a stage
+                    log.warning("MLflow run %s of a skipped rerun not deleted (%s)", sink.run_id, err)
                 return summary
             summary = record(sink, summary, output)
             sink.close()
