@@ -142,3 +142,34 @@ def test_help_keeps_the_example_commands_on_their_lines_and_lists_the_keys():
 
 def test_help_epilog_tolerates_presets_without_a_dataclass():
     assert cli.keys_epilog({"default": lambda: None}) is None
+
+
+@pytest.mark.slow
+def test_the_per_stage_commands_chain_with_nothing_but_output(ray_local, tmp_path, monkeypatch, capsys):
+    """cluster/README.md's order (ingest, caption, pretrain, distill, evaluate), each given only `--output
+    ROOT/<stage>` (and its preset): every stage finds its input under ROOT; the model is trained and evaluated."""
+    from dataclasses import replace
+
+    from pipelines import run_all
+    from tipsv2.data.synthetic import SyntheticConfig
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TIPSV2_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    source = run_all.write_source(replace(run_all.SourceConfig(), skimage_samples=False,
+                                          synthetic=SyntheticConfig(train_size=24, val_size=4, test_size=4)),
+                                  str(tmp_path / "source"))["images"]
+    root = tmp_path / "run"
+    small = ["--set", "steps=2", "--set", "log_every=1", "--set", "data.batch_size=4", "--local"]
+    ingest.main(["--set", f"source={source}", "--output", str(root / "ingest")])
+    caption.main(["--config", "template", "--output", str(root / "caption")])
+    pretrain.main(["--config", "tiny", *small, "--output", str(root / "pretrain")])
+    distill.main(["--config", "tiny", *small, "--output", str(root / "distill")])
+    result = evaluate.main(["--suite", "tiny", "--output", str(root / "evaluate")])
+    capsys.readouterr()
+    read = json.loads((root / "pretrain" / "summary.json").read_text())["read"]
+    assert (read["images"], read["captions"]) == (str(root / "ingest" / "images"), str(root / "caption" / "captions"))
+    distilled = json.loads((root / "distill" / "config.json").read_text())
+    assert distilled["teacher"] == str(root / "pretrain" / "export")
+    assert distilled["data"]["tokenizer"] == str(root / "pretrain" / "tokenizer" / "spm.model")
+    assert json.loads((root / "evaluate" / "config.json").read_text())["checkpoint"] == str(root / "distill" / "export")
+    assert result["metrics"] and (root / "distill" / "export" / "model.safetensors").is_file()
