@@ -2,29 +2,36 @@
 
     python -m pipelines.<stage> --config NAME_OR_FILE [--set key.path=value ...] --output URI
     python -m pipelines.<stage> --config NAME_OR_FILE [--set ...] --print-config     # every key, resolved
+    python -m pipelines.<stage> --config NAME_OR_FILE --list-keys                      # every --set key, its value
 
 NAME is a preset of the stage; FILE is a JSON file merged over the stage's `default` preset. Each
 `--set` goes through `tipsv2.config_tree.override`, so an unknown key fails with the valid ones.
 A stage may add flags of its own (`StageFlags`, e.g. pipelines.evaluate's `--checkpoint`); each stage's
 `main` is `stage_main(argv, PRESETS, run, ...)`: parse into a config, call the importable `run(cfg, output)`,
 show the summary. Stages write the resolved config (`config.json`) and a `summary.json` next to their outputs.
+With `stage=`, an `--output ROOT/<stage>` reads the stage's unset inputs from the run root (pipelines.layout).
+Usage errors (a missing input or config file, an unknown key or URI scheme) exit 2 with one line naming
+the value and what was expected.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import textwrap
 import time
 from typing import Any, Callable, Protocol, TypeVar
 
-from pipelines import storage
+from pipelines import layout, storage, tracking
 from tipsv2 import config_tree
 
 Cfg = TypeVar("Cfg")
 Summary = TypeVar("Summary")
 
 CONFIG_FILE = "config.json"
+TRACKED = ("ingest", "caption", "pretrain", "distill")   # stages that always open an MLflow run
 SUMMARY_FILE = "summary.json"
 
 
@@ -35,7 +42,16 @@ def resolve_config(name_or_file: str, presets: dict[str, Callable[[], Cfg]], set
     elif name_or_file.endswith(".json") or os.path.sep in name_or_file or storage.is_remote(name_or_file):
         if "default" not in presets:
             raise ValueError(f"a config file needs a 'default' preset to merge over; presets: {sorted(presets)}")
-        cfg = config_tree.merge(presets["default"](), json.loads(storage.read_bytes(name_or_file)))
+        try:
+            text = storage.read_bytes(name_or_file)
+        except (OSError, FileNotFoundError):
+            raise ValueError(f"--config {name_or_file!r}: no such file; expected a preset {sorted(presets)} "
+                             "or an existing JSON file") from None
+        try:
+            loaded = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"--config {name_or_file!r} is not valid JSON ({err})") from None
+        cfg = config_tree.merge(presets["default"](), loaded)
     else:
         raise ValueError(f"--config {name_or_file!r} is neither a preset {sorted(presets)} nor a .json file")
     for assignment in sets:
@@ -52,31 +68,63 @@ class StageFlags(Protocol):
         """The config with the flags applied (after `--config` and `--set`); ValueError: a usage error."""
 
 
+def keys_epilog(presets: dict[str, Callable[[], Any]]) -> str | None:
+    """The top-level config keys for `--help` (`--list-keys` prints every leaf)."""
+    make = presets.get("default") or next(iter(presets.values()), None)
+    try:
+        cfg = make() if make is not None else None
+    except Exception:  # noqa: BLE001 - help must never fail on a preset that needs an environment
+        return None
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        return None
+    tops = sorted({key.split(".")[0] + ("." if "." in key else "") for key in config_tree.leaf_keys(cfg)})
+    return ("--set keys (top level; `--list-keys` prints every key with its value):\n  "
+            + textwrap.fill(" ".join(tops), width=96, subsequent_indent="  "))
+
+
 def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]],
-                     *, description: str | None = None, flags: StageFlags | None = None) -> tuple[Cfg, str]:
-    """Parse the shared stage flags (and the stage's own `flags`); returns (resolved config, output URI)."""
-    parser = argparse.ArgumentParser(description=description)
+                     *, description: str | None = None, flags: StageFlags | None = None,
+                     stage: str | None = None) -> tuple[Cfg, str]:
+    """Parse the shared stage flags (and the stage's own `flags`); returns (resolved config, output URI).
+    With `stage`, inputs left unset come from the run root (pipelines.layout.connect) and must exist."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{stage}" if stage else None,
+                                     description=description, epilog=keys_epilog(presets),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default", help=f"preset {sorted(presets)} or a JSON file")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one config value (repeatable)")
-    parser.add_argument("--output", help="output root: a local path or s3://bucket/prefix")
+    parser.add_argument("--output", help="output: a local path, s3://bucket/prefix or gs://bucket/prefix; "
+                        "ROOT/<stage> reads the earlier stages' outputs under ROOT")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every key, as JSON) and exit")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every --set key with its resolved value and exit")
     if flags is not None:
         flags.add_to(parser)
     args = parser.parse_args(argv)
+    output = storage.absolute(args.output) if args.output else None
     try:
+        if output:
+            storage.filesystem(output)   # an unsupported scheme fails here, naming it
         cfg = resolve_config(args.config, presets, args.sets)
         if flags is not None:
             cfg = flags.apply(cfg, args)
+        if stage is not None:
+            cfg = layout.connect(stage, cfg, output, check=not (args.print_config or args.list_keys))
+        if stage in TRACKED and output and not (args.print_config or args.list_keys):
+            tracking.store_uri(getattr(getattr(cfg, "tracking", None), "uri", None), output)   # refused: exit 2
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:
         print(json.dumps(config_tree.to_dict(cfg), indent=2))
         raise SystemExit(0)
-    if not args.output:
+    if args.list_keys:
+        for key in config_tree.leaf_keys(cfg):
+            print(f"{key} = {json.dumps(layout.get(cfg, key), default=str)}")
+        raise SystemExit(0)
+    if not output:
         parser.error("the following arguments are required: --output")
-    return cfg, storage.absolute(args.output)
+    return cfg, output
 
 
 def print_json(summary: Any, output: str) -> None:
@@ -85,10 +133,11 @@ def print_json(summary: Any, output: str) -> None:
 
 def stage_main(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]], run: Callable[[Cfg, str], Summary],
                *, description: str | None = None, flags: StageFlags | None = None,
-               show: Callable[[Summary, str], None] | None = print_json) -> Summary:
+               show: Callable[[Summary, str], None] | None = print_json, stage: str | None = None) -> Summary:
     """Every stage's `main`: parse the command line into a config, `run(cfg, output)`, show the summary
-    (`show(summary, output)`; JSON by default, None: nothing) and return it."""
-    cfg, output = parse_stage_args(argv, presets, description=description, flags=flags)
+    (`show(summary, output)`; JSON by default, None: nothing) and return it. `stage` names the stage in
+    the run root (pipelines.layout)."""
+    cfg, output = parse_stage_args(argv, presets, description=description, flags=flags, stage=stage)
     summary = run(cfg, output)
     if show is not None:
         show(summary, output)

@@ -1,4 +1,4 @@
-"""Patch-level distillation: a frozen teacher teaches a randomly initialised student (Ray Train + DeepSpeed).
+r"""Patch-level distillation: a frozen teacher teaches a randomly initialised student (Ray Train + DeepSpeed).
 
     python -m pipelines.distill --config tiny --teacher outputs/tiny/export --output outputs/tiny_distill
     python -m pipelines.distill --config tiny --set teacher=outputs/tiny/export --output DIR --local
@@ -11,7 +11,8 @@ The teacher is an exported model directory (pipelines.pretrain's `<output>/expor
 `hf:DIR`, a transformers Tipsv2Model directory (the export's `hf/`, or one downloaded from the Hub), or the
 released `VISION.npz[,TEXT.npz]` checkpoints; the last two ship without heads (use task.teacher_heads=random).
 `student_init` takes the same forms.
-`--teacher X` is the same as `--set teacher=X`. Same engine, outputs and resume rules as pipelines.pretrain.
+`--teacher X` is the same as `--set teacher=X`. With `--output ROOT/distill` (a run root, pipelines/layout.py)
+an unset teacher is ROOT/pretrain/export (with pretrain's tokenizer) and the data ROOT/ingest + ROOT/caption. Same engine, outputs and resume rules as pipelines.pretrain.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def split_teacher(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv, local = split_local(split_teacher(list(sys.argv[1:] if argv is None else argv)))
     return cli.stage_main(argv, STAGE_PRESETS, lambda cfg, output: run(Job.DISTILL, cfg, output, local=local),
-                          description=__doc__, show=None)
+                          description=__doc__, show=None, stage="distill")
 
 
 if __name__ == "__main__":

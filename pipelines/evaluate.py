@@ -1,11 +1,12 @@
-"""Evaluate a frozen model on a named suite; write the results JSON and log them to MLflow.
+r"""Evaluate a frozen model on a named suite; write the results JSON and log them to MLflow.
 
     python -m pipelines.evaluate --checkpoint outputs/tiny/export --suite tiny --output outputs/tiny/eval
     python -m pipelines.evaluate --checkpoint s3://b/tips/vit_b14_vision.npz,s3://b/tips/vit_b14_text.npz \
         --tokenizer s3://b/tips/spm.model --suite ade20k --data s3://b/ADEChallengeData2016 \
         --option max_items=100 --output s3://b/evals/ade20k --run-id RUN_ID --tracking-uri http://mlflow:5000
 
-Checkpoint: an exported model directory (tipsv2.checkpoint.save_export: model.safetensors + config.json),
+With `--output ROOT/evaluate` (a run root, pipelines/layout.py) an unset checkpoint is ROOT/distill/export and
+its tokenizer pretrain's. Checkpoint: an exported model directory (tipsv2.checkpoint.save_export: model.safetensors + config.json),
 "hf:DIR", a transformers Tipsv2Model directory (tipsv2.models.load_hf: the export's `hf/` or one from the
 Hub), or released checkpoints "VISION.npz[,TEXT.npz]" (tipsv2.models.load_official), local or s3://; or
 a registered model version "models:/NAME/VERSION" (pipelines/registry.py): its run is then tagged
@@ -284,8 +285,8 @@ def print_metrics(summary: dict[str, Any], output: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.stage_main(argv, PRESETS, run, description=__doc__.split("\n")[0], flags=Flags(),
-                          show=print_metrics)
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, flags=Flags(),
+                          show=print_metrics, stage="evaluate")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import cli, lineage, storage
+from pipelines import cli, storage
+from pipelines.lineage import Kind
 from pipelines.ingest_read import (IMAGE_SUFFIXES, RGB_CONVERTIBLE_MODES, SIDECAR_SUFFIXES, BadImage, Decoded, Decoder,
                                    Reason, decode_image, image_id)
 from pipelines.resources import RESOURCE_REQUESTS, Stage
+from pipelines.stage_run import tracked
+from pipelines.tracking import TrackingConfig
 from tipsv2.data import schema
 
 MANIFEST_SUFFIXES = (".parquet", ".jsonl")
@@ -54,6 +57,7 @@ class IngestConfig:
     file_bytes: int = 384 * 1024 * 1024       # encoded image bytes per Parquet file
     num_cpus_per_task: float = RESOURCE_REQUESTS[Stage.INGEST]["CPU"]   # Ray CPUs per decode task
     read_blocks: int = 0                      # input blocks; 0: about 4 per CPU in the cluster
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)   # its MLflow run (stage_run)
 
 
 def default() -> IngestConfig:
@@ -180,6 +184,7 @@ def _ray_blocks(n_items: int, requested: int) -> int:
     return max(1, min(n_items, requested or 4 * cpus))
 
 
+@tracked("ingest", writes=(Kind.IMAGES, "images_path"))   # an MLflow run; inputs checked before Ray starts
 def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     import ray
     import ray.data
@@ -224,7 +229,6 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
         "row_group_rows": group, "mean_image_bytes": mean_bytes, "mlflow_run_id": None,
         "phases_s": phases.seconds, "wall_time_s": clock.seconds(),
     })
-    summary["mlflow_run_id"] = lineage.log_output(lineage.Kind.IMAGES, images_uri, summary, stage="ingest", output=output)
     cli.write_resolved_config(output, cfg)
     cli.write_summary(output, summary)
     return summary
@@ -243,7 +247,7 @@ class Phases:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.stage_main(argv, PRESETS, run, description=__doc__)
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, stage="ingest")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import enum
 import hashlib
 import json
 import logging
-import os
 import warnings
 from typing import Any
 
@@ -35,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipelines import storage
-from pipelines.tracking import MetricsSink, TrackingConfig, open_sink
+from pipelines.tracking import MetricsSink
 from tipsv2.configs import CaptionChange
 from tipsv2.data.schema import Granularity, caption_column
 
@@ -214,36 +213,10 @@ def caption_digest(run) -> str:
     return ""
 
 
-def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a summary, keys joined by '/'."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in numbers(value, f"{prefix}{key}/").items()}
-    ok = isinstance(tree, (int, float)) and not isinstance(tree, bool)
-    return {prefix.rstrip("/"): float(tree)} if ok else {}
-
-
-def log_output(kind: Kind, uri: str, summary: dict[str, Any], *, stage: str, output: str) -> str | None:
-    """When MLflow is configured (MLFLOW_TRACKING_URI; pipelines.run_all sets it): a run named `stage` (a
-    child of run_all's run) with the Parquet set it wrote as a dataset (context `output`) and the summary's
-    numbers as metrics. Returns the run id; None when not configured or MLflow failed (a warning: the
-    stage's output stands)."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
+def log_output(sink: MetricsSink, kind: Kind, uri: str) -> None:
+    """The Parquet set a stage wrote, as a dataset of the stage's own run (context `output`); a warning when
+    MLflow fails (the stage's output stands)."""
     try:
-        return _log_output(kind, uri, summary, stage=stage, output=output)
+        log_inputs(sink, [describe(uri, kind)], context=OUTPUT)
     except Exception as err:  # noqa: BLE001 - tracking never fails a stage whose output is written
-        log.warning("%s output %s not logged to MLflow (%s: %s)", stage, uri, type(err).__name__, str(err)[:200])
-        return None
-
-
-def _log_output(kind: Kind, uri: str, summary: dict[str, Any], *, stage: str, output: str) -> str | None:
-    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
-    experiment = "tipsv2"
-    found = describe(uri, kind)
-    sink = open_sink(TrackingConfig(uri=tracking_uri, experiment=experiment, run_name=stage),
-                     output_root=None if storage.is_remote(output) else output)
-    log_inputs(sink, [found], context=OUTPUT)
-    sink.set_tags({"tipsv2.stage": stage, "tipsv2.output": output})
-    sink.log_metrics(numbers({k: v for k, v in summary.items() if k != "mlflow_run_id"}), step=0)
-    sink.close()
-    return sink.run_id
+        log.warning("output %s not logged to MLflow (%s: %s)", uri, type(err).__name__, str(err)[:200])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from pipelines import caption, cli, data, ingest, report, storage
-from pipelines.tracking import MlflowSink, TrackingConfig, default_uri
+from pipelines.tracking import MlflowSink, TrackingConfig, numbers, store_uri
 from tipsv2 import config_tree
 from pipelines.train.config import DistillJobConfig, PretrainJobConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig
@@ -124,7 +124,7 @@ class Chain:
 
     def __init__(self, cfg: RunAllConfig, output: str) -> None:
         self.cfg, self.output = cfg, output
-        self.uri = cfg.tracking.uri or default_uri(output)
+        self.uri = store_uri(cfg.tracking.uri, output)
         state_uri = storage.join(output, "run_all.json")
         state = storage.read_json(state_uri) if storage.exists(state_uri) else {}
         self.parent = MlflowSink(uri=self.uri, experiment=cfg.tracking.experiment, run_name=cfg.tracking.run_name
@@ -151,23 +151,12 @@ class Chain:
         if own_run and not result.get("mlflow_run_id"):  # stages without a run of their own get a child run
             child = MlflowSink(uri=self.uri, experiment=self.cfg.tracking.experiment, run_name=name,
                                parent_run_id=self.parent.run_id)
-            child.log_metrics({k: float(v) for k, v in _numbers(result).items()}, step=0)
+            child.log_metrics({k: float(v) for k, v in numbers(result).items()}, step=0)
             child.close()
         storage.write_json(marker, cli.done_record(step_cfg, result=result, wall_s=clock.seconds()))
         print(f"[run_all] {name}: {clock.seconds():.1f} s", flush=True)
         self.results[name] = result
         return result
-
-
-def _numbers(tree: Any, prefix: str = "") -> dict[str, float]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out |= _numbers(v, f"{prefix}{k}/")
-        return out
-    if isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        return {prefix.rstrip("/"): float(tree)}
-    return {}
 
 
 def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
@@ -181,11 +170,11 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
         source = {"images": cfg.source.images, "ground_truth": ""}
     else:
         source = chain.step("source", cfg.source, lambda out: write_source(cfg.source, out))
-    ingest_cfg = replace(cfg.ingest, source=source["images"])
-    chain.step("ingest", ingest_cfg, lambda out: _brief(ingest.run(ingest_cfg, out)))
-    caption_cfg = replace(cfg.caption, input=root("ingest"),
+    ingest_cfg = replace(cfg.ingest, source=source["images"], tracking=chain.tracking)
+    chain.step("ingest", ingest_cfg, lambda out: _brief(ingest.run(ingest_cfg, out)), own_run=False)
+    caption_cfg = replace(cfg.caption, input=root("ingest"), tracking=chain.tracking,
                           template=replace(cfg.caption.template, captions_path=source["ground_truth"]))
-    chain.step("caption", caption_cfg, lambda out: _brief(caption.run(caption_cfg, out)))
+    chain.step("caption", caption_cfg, lambda out: _brief(caption.run(caption_cfg, out)), own_run=False)
     vocab, max_len = cfg.pretrain.data.tokenizer_vocab, cfg.pretrain.task.model.text.max_len
     texts = data.Source(images=storage.join(root("ingest"), "images"), captions=storage.join(root("caption"), "captions"))
     tok = chain.step("tokenizer", {"vocab": vocab, "max_len": max_len, "caption": config_tree.to_dict(caption_cfg)},

@@ -4,7 +4,9 @@
     sink.log_params(config_tree.to_dict(cfg)); sink.log_metrics({"loss/total": 1.2}, step=0); sink.close()
 
 - Tracking URI: the config's, else MLFLOW_TRACKING_URI, else a sqlite file under a local output root
-  (`<output>/mlflow.db`, artifacts in `<output>/mlartifacts`).
+  (`<output>/mlflow.db`, artifacts in `<output>/mlartifacts`). Refused at start, with the fix, where a file
+  store would lose runs: a remote (s3://, gs://) output without a tracking URI, or a file store on a Ray
+  cluster of several nodes.
 - A run is reattached by id on resume (the trainer stores the id in its checkpoints).
 - If the server is unreachable, metrics are buffered in memory and appended to
   `<output>/metrics_offline.jsonl`; they are sent when a later call succeeds. Tracking never crashes
@@ -119,6 +121,65 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+LOOPBACK = re.compile(r"^(https?://)(127\.0\.0\.1|localhost)([:/]|$)")
+FIX = ("set MLFLOW_TRACKING_URI (or --set tracking.uri=...) to an MLflow server every node reaches, e.g. the "
+       "one cluster/aws.yaml starts on the head: http://HEAD_IP:5000 (cluster/README.md, 'MLflow on a cluster')")
+
+
+def is_local_store(uri: str) -> bool:
+    """A tracking store in this node's file system (sqlite file, file store, plain path)."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def ray_nodes() -> int:
+    """Alive nodes of the Ray cluster this process joined; 0 when it joined none (Ray is never started here)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 0
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def require_shared_store(uri: str, output_root: str | None) -> str:
+    """`uri`, or ValueError with the fix when it is a local file store and the Ray cluster this process joined
+    has several nodes: ranks on the others would open files of their own ("run not found")."""
+    nodes = ray_nodes()
+    if is_local_store(uri) and nodes > 1:
+        raise ValueError(f"MLflow tracking store {_redact_uri(uri)} is a file on this node, but the Ray cluster has "
+                         f"{nodes} nodes: runs logged from the others would not find it and a deleted cluster takes "
+                         f"it along; {FIX}")
+    return uri
+
+
+def store_uri(configured: str | None, output_root: str | None) -> str:
+    """The tracking URI of a run: the configured one, MLFLOW_TRACKING_URI, else a sqlite file under a local
+    output. ValueError naming the fix where a file store would lose runs: the output is remote (s3://, gs://)
+    and no URI is set, or a file store on a cluster of several nodes (require_shared_store)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and output_root and "://" in output_root:
+        raise ValueError(f"MLflow: the output {output_root} is remote and no tracking URI is set (a sqlite file on "
+                         f"this node would be lost with it); {FIX}")
+    return require_shared_store(uri or default_uri(output_root), output_root)
+
+
+def for_every_node(uri: str, output_root: str | None) -> str:
+    """The tracking URI as other nodes of the cluster reach it: in a cluster this driver joined (RAY_ADDRESS, as
+    under `ray job submit`, whose drivers run on the head) a loopback server (http://127.0.0.1:5000, the one
+    the cluster configs start on the head) becomes this node's IP; a local file store is refused on several nodes."""
+    if LOOPBACK.match(uri) and os.environ.get("RAY_ADDRESS") and ray_nodes():
+        import ray.util
+
+        return LOOPBACK.sub(lambda m: f"{m.group(1)}{ray.util.get_node_ip_address()}{m.group(3)}", uri)
+    return require_shared_store(uri, output_root)
+
+
+def numbers(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a summary as metric names (`written/images`); booleans and text left out."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in numbers(value, f"{prefix}{key}/").items()}
+    ok = isinstance(tree, (int, float)) and not isinstance(tree, bool)
+    return {prefix.rstrip("/"): float(tree)} if ok else {}
+
+
 def default_uri(output_root: str | None) -> str:
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
         return env
@@ -231,5 +292,5 @@ def open_sink(cfg: TrackingConfig, *, output_root: str | None, rank: int = 0, ru
         return NullSink()
     parent_run_id = parent_run_id or cfg.parent_run_id
     offline = output_root if output_root and "://" not in output_root else None
-    return MlflowSink(uri=cfg.uri or default_uri(output_root), experiment=cfg.experiment, run_name=cfg.run_name,
+    return MlflowSink(uri=store_uri(cfg.uri, output_root), experiment=cfg.experiment, run_name=cfg.run_name,
                       run_id=run_id, parent_run_id=parent_run_id, offline_dir=offline)

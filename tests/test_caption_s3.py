@@ -58,7 +58,8 @@ def test_local_copy_of_an_object_a_prefix_and_a_local_path(s3_endpoint, tmp_path
             storage.local_copy(missing, str(tmp_path))
 
 
-def test_ingest_and_caption_read_and_write_s3(ray_local, s3_endpoint):
+def test_ingest_and_caption_read_and_write_s3(ray_local, s3_endpoint, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server[1])   # an s3:// output needs a shared tracking store
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     images = sample_images(("astronaut", "chelsea", "coffee"))
     for name, data in images.items():
@@ -81,6 +82,11 @@ def test_ingest_and_caption_read_and_write_s3(ray_local, s3_endpoint):
     assert sorted(captions["id"].to_pylist()) == sorted(table["id"].to_pylist())
     assert first["written"]["rows"] == 3
     assert {"captioned/config.json", "captioned/summary.json"} <= set(_keys(client, "captioned/"))
+
+    from mlflow.tracking import MlflowClient
+    tracked = MlflowClient(mlflow_server[1])
+    for summary in (summary, first):   # each stage an MLflow run on the server, its summary.json an artifact
+        assert [a.path for a in tracked.list_artifacts(summary["mlflow_run_id"])] == ["summary.json"]
 
     again = caption.run(cfg, f"s3://{BUCKET}/captioned")
     assert again["read"]["requests"] == 0 and again["read"]["already_captioned_ids"] == 3

@@ -88,24 +88,22 @@ def test_resume_check_fails_or_warns_by_policy(tmp_path):
     assert check_resume(output, [before], policy=CaptionChange.FAIL, resuming=False) is None
 
 
-def test_stage_output_logged_as_dataset(mlflow_server, tmp_path, monkeypatch):
+def test_stage_output_logged_as_dataset(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import MlflowSink
+
     _, uri = mlflow_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("TIPSV2_PARENT_RUN_ID", raising=False)
     output = tmp_path / "caption"
     path = write(output / "captions", captions(["a", "b"], ["x", "y"], ["m1", "m2"]))
-    run_id = lineage.log_output(Kind.CAPTIONS, path, {"written": {"rows": 2}, "backend": "vllm"}, stage="caption",
-                                output=str(output))
-    run = MlflowClient(uri).get_run(run_id)
+    sink = MlflowSink(uri=uri, experiment="lineage-output", run_name="caption")   # the stage's own run
+    lineage.log_output(sink, Kind.CAPTIONS, path)
+    sink.close()
+    run = MlflowClient(uri).get_run(sink.run_id)
     (item,) = run.inputs.dataset_inputs
     assert {t.key: t.value for t in item.tags}["mlflow.data.context"] == lineage.OUTPUT
     assert item.dataset.name == "captions" and item.dataset.digest == describe(path, Kind.CAPTIONS).digest
     assert item.dataset.source_type == "local" and path in item.dataset.source
     profile = json.loads(item.dataset.profile)
     assert profile["rows"] == 2 and {p["model"] for p in profile["provenance"]} == {"m1", "m2"}
-    assert run.data.metrics["written/rows"] == 2 and run.data.tags["tipsv2.stage"] == "caption"
     assert lineage.caption_digest(run) == item.dataset.digest
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert lineage.log_output(Kind.CAPTIONS, path, {}, stage="caption", output=str(output)) is None

@@ -150,12 +150,17 @@ def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
     assert distill.main(args)["wall_s"] == first["wall_s"]
 
 
-def test_distill_without_a_teacher_fails_clearly(tmp_path):
+def test_distill_without_a_teacher_fails_clearly(tmp_path, capsys):
     from pipelines import distill
-    with pytest.raises(ValueError, match="distillation needs a teacher"):
+    from pipelines.train import Job
+    from tipsv2.configs import distill_preset
+    with pytest.raises(SystemExit) as exited:   # a usage error (exit 2) from the command line, before training
         distill.main(["--config", "tiny", "--local", "--output", str(tmp_path), "--set", "steps=1",
                       "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
                       "--set", "data.synthetic.test_size=2"])
+    assert exited.value.code == 2 and "distill needs `teacher`" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="distillation needs a teacher"):   # run() itself still refuses
+        distill.run(Job.DISTILL, distill_preset("tiny"), str(tmp_path / "run"), local=True)
 
 
 def split_parquet(uri: str, root: Path, *, files: int, row_group_rows: int) -> str:

@@ -10,6 +10,7 @@ import enum
 from typing import Any
 
 from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
+from pipelines.tracking import TrackingConfig
 from tipsv2.data.schema import DEFAULT_GRANULARITIES, Granularity
 
 
@@ -116,6 +117,7 @@ class CaptionConfig:
     watchdog: WatchdogConfig = WatchdogConfig()
     shard_rows: int = 1000                 # images per writer batch: one file per input partition in it
     ray_num_cpus: int = 0                  # local Ray only: logical CPUs to declare (0 = detect)
+    tracking: TrackingConfig = TrackingConfig()   # its MLflow run (pipelines/stage_run.py)
 
 
 def default() -> CaptionConfig:

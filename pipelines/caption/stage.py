@@ -1,4 +1,4 @@
-"""Synthetic captions at several granularities on Ray Data (+ ray.data.llm / vLLM), resumable, exactly once.
+r"""Synthetic captions at several granularities on Ray Data (+ ray.data.llm / vLLM), resumable, exactly once.
 
     python -m pipelines.caption --config default --set input=s3://bucket/root --output s3://bucket/root
     python -m pipelines.caption --config tiny --set input=outputs/demo --set engine.model_source=/path/llama \
@@ -6,7 +6,8 @@
     python -m pipelines.caption --config hf --set engine.model_source=/path/vlm ...   # transformers, images
     python -m pipelines.caption --config template ...           # captions from metadata, no model
 
-Reads `<input>/images/*.parquet` (the ingest output; or `input` itself if it holds the Parquet files) and
+Reads `<input>/images/*.parquet` (the ingest output; or `input` itself if it holds the Parquet files;
+with `--output ROOT/caption`, a run root (pipelines/layout.py), an unset `input` is ROOT/ingest) and
 streams it through three steps in Ray tasks (pipelines/caption/tasks.py): an anti-join of each block against
 its partition of the output (the images with a granularity still to do), a backend (backends.py; vllm asks
 for every granularity of an image in one request), and a writer that applies the quality gate
@@ -29,11 +30,13 @@ import traceback
 from typing import Any, Callable, Iterator
 
 
-from pipelines import cli, lineage, storage
+from pipelines import cli, storage
+from pipelines.lineage import Kind
 from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig
 from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, compact_partition, model_name, partition_name,
                                      partitions_on_disk)
 from pipelines.caption.tasks import COUNTERS, caption_dataset
+from pipelines.stage_run import tracked
 
 
 def images_uri(cfg: CaptionConfig) -> str:
@@ -127,6 +130,7 @@ class Pace:
         return out
 
 
+@tracked("caption", writes=(Kind.CAPTIONS, "captions_path"))   # an MLflow run; inputs checked before Ray starts
 def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     clock = cli.Stopwatch()
     source = images_uri(cfg)
@@ -159,8 +163,6 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
                     "captions_per_s": round(counts["captions"] / max(caption_seconds, 1e-9), 3), **pace.metrics()},
         "mlflow_run_id": None, "wall_time_s": clock.seconds(),
     }
-    summary["mlflow_run_id"] = lineage.log_output(lineage.Kind.CAPTIONS, storage.join(output, CAPTIONS_DIR), summary,
-                                                  stage="caption", output=output)
     cli.write_summary(output, summary)
     return summary
 
@@ -195,5 +197,5 @@ def compact(cfg: CaptionConfig, source: str, output: str, generation: int) -> di
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return cli.stage_main(argv, PRESETS, run, description=__doc__)
+    return cli.stage_main(argv, PRESETS, run, description=__doc__, stage="caption")
 

@@ -19,7 +19,7 @@ from pipelines import cli, data, lineage, registry, storage
 from pipelines.estimate import log_plan
 from pipelines.resources import Stage, training_request
 from pipelines.tracking import flatten as tracking_flatten
-from pipelines.tracking import open_sink
+from pipelines.tracking import for_every_node, open_sink
 from pipelines.train.checkpoint import (HISTORY_FILE, RUN_NAME, STOP_FILE, latest_checkpoint, read_history,
                                         read_trainer_state)
 from pipelines.train.export import EXPORT_DIR, HF_DIR
@@ -165,7 +165,8 @@ def train_distributed(job: Job, cfg: JobConfig, *, output: str, source: data.Sou
 
     cli.init_ray(0 if cfg.engine.use_gpu else local_ray_cpus(cfg))   # GPU machines: Ray counts the CPUs
     plan = Plan(job=job, cfg=cfg, output=output, source=source, ids=texts.column("id").to_pylist(),
-                texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id, tracking_uri=tracking_uri,
+                texts_ref=ray.put(texts), tokenizer=tokenizer, run_id=run_id,
+                tracking_uri=for_every_node(tracking_uri, output) if tracking_uri else None,   # ranks on other nodes
                 resume_from=resume_from, faults=faults)
     stop = storage.join(output, STOP_FILE)
     storage.delete(stop)

@@ -1,0 +1,271 @@
+"""The cluster as users meet it, simulated on one machine (#13): Ray's fake multi-node autoscaler with the node
+types of cluster/aws.yaml (GPUs and accelerator types as declared resources; work runs on CPU), moto's S3 server,
+and a real `mlflow server` whose artifact store is on that S3. The tiny chain goes in with `ray job submit
+--working-dir .` to an s3:// run root. Checked: the autoscaler starts the node types the stages ask for
+(the production requests of pipelines/resources.py land on their GPU node types) and removes them when
+idle; outputs, checkpoints and MLflow artifacts are in S3 or on the MLflow server; nothing is written to
+the job's working directory; the server holds one run per stage with params, step metrics and artifacts.
+
+The head owns its own temp dir and GCS port (the provider's `gcs_address`), and only its processes are
+stopped afterwards (never `ray stop`, which would stop every Ray on the machine). Worker CPU counts are capped
+at CPU_CAP: every fake node runs on this machine's cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.resources import RESOURCE_REQUESTS, Stage
+from tests.test_job_submit import free_port, ray_cli, stop_head
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "tipsv2-test"
+CPU_CAP = 8            # logical CPUs of a fake node (aws.yaml's 32-192 would oversubscribe two cores)
+IDLE_MINUTES = 0.5     # a fake node goes away after 30 idle seconds (less: nodes churn between stages)
+
+pytestmark = pytest.mark.slow
+
+
+def fake_cluster_config(gcs_port: int, temp_dir: str = "/tmp/unused") -> dict:
+    """cluster/aws.yaml's node types on the fake multi-node provider: same resources (CPU capped), one node each."""
+    aws = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    types = {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "min_workers": 0, "max_workers": 0}}
+    for name, spec in aws["available_node_types"].items():
+        if name == aws["head_node_type"]:
+            continue
+        resources = dict(spec["resources"])
+        resources["CPU"] = min(resources["CPU"], CPU_CAP)
+        types[name] = {"resources": resources, "node_config": {}, "min_workers": 0, "max_workers": 1}
+    return {
+        "cluster_name": "tipsv2-fake", "max_workers": len(types) - 1, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": IDLE_MINUTES,
+        # Ray's fake multi-node provider, each node with a temp dir of its own (tests/fake_nodes.py says why).
+        "provider": {"type": "external", "module": "tests.fake_nodes.NodesWithOwnDisk", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True,
+                     "gcs_address": f"127.0.0.1:{gcs_port}", "node_temp_dir": temp_dir},
+        "auth": {"ssh_user": "ubuntu"}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "head_node_type": "ray.head.default", "available_node_types": types,
+    }
+
+
+def start_mlflow_on_s3(root: Path, endpoint: str) -> tuple[subprocess.Popen, str]:
+    """`mlflow server`: runs in sqlite under `root`, artifacts proxied to s3://BUCKET/mlflow on moto."""
+    port = free_port()
+    env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": endpoint}
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"], env=env, stdout=(root / "mlflow.log").open("w"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    import urllib.request
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600   # about 15 s on an idle machine; minutes on a loaded one
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                return process, uri
+        except OSError:
+            time.sleep(1)
+    os.killpg(process.pid, 9)
+    raise RuntimeError(f"mlflow server did not start:\n{(root / 'mlflow.log').read_text()[-2000:]}")
+
+
+class Autoscaler:
+    """What the head's autoscaler did, from its own log (monitor.log): node types it launched, removed as idle,
+    failed to launch (a node that does not register within Ray's 30 s, on a loaded machine), and the nodes
+    its latest status report lists as active. Reading the log costs nothing; `ray status` would start a
+    Python process per look."""
+
+    def __init__(self, temp_dir: str) -> None:
+        self.log = Path(temp_dir) / "session_latest" / "logs" / "monitor.log"
+
+    def events(self, verb: str) -> list[str]:
+        pattern = {"added": r":event_summary:Adding \d+ node\(s\) of type (\S+)\.",
+                   "removed": r":event_summary:Removing \d+ nodes of type (\S+) \(idle\)\.",
+                   "failed": r":event_summary:Failed to launch \d+ node\(s\) of type (\S+)\."}[verb]
+        return re.findall(pattern, self.log.read_text(errors="replace"))
+
+    def active(self) -> set[str]:
+        reports = self.log.read_text(errors="replace").split("\nActive:\n")
+        if len(reports) < 2:
+            return set()
+        block = reports[-1].split("Pending:")[0]
+        return {m for m in re.findall(r"^ \d+ (\S+)$", block, re.M)} - {"ray.head.default"}
+
+
+@pytest.fixture
+def cluster(s3_endpoint, tmp_path):
+    """(env for `ray` commands, GCS address, temp dir, MLflow URI) of a fresh fake autoscaling cluster."""
+    gcs_port, dashboard = free_port(), free_port()
+    temp_dir = f"/tmp/ra{uuid.uuid4().hex[:8]}"   # short: Ray's socket paths must fit in 107 bytes
+    config = tmp_path / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump(fake_cluster_config(gcs_port, temp_dir)))
+    mlflow_root = tmp_path / "mlflow"
+    mlflow_root.mkdir()
+    mlflow, mlflow_uri = start_mlflow_on_s3(mlflow_root, s3_endpoint)
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+                        "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+                        "PYTHONPATH": str(ROOT),   # the head's autoscaler imports tests.fake_nodes
+                        "RAY_agent_register_timeout_ms": "300000",   # a loaded machine starts agents slowly
+                        "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    start_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    try:
+        for attempt in range(3):   # Ray gives a raylet 30 s to register: a loaded machine can miss that
+            done = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=0",
+                           f"--autoscaling-config={config}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                           f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
+                           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                           f"--ray-client-server-port={free_port()}", "--disable-usage-stats", env=start_env,
+                           timeout=240, check=attempt == 2)
+            if done.returncode == 0:
+                break
+            stop_head(temp_dir)
+        yield env, f"127.0.0.1:{gcs_port}", temp_dir, mlflow_uri
+    finally:
+        stop_head(temp_dir)
+        os.killpg(mlflow.pid, 9)
+
+
+def submit(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str, timeout: float) -> tuple[str, str]:
+    """`ray job submit --working-dir .`; (final status, logs)."""
+    args = ["job", "submit", "--no-wait", f"--submission-id={job_id}", "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    for _ in range(30):  # the job agent comes up some seconds after `ray start` returns
+        done = ray_cli(*args, env=env, check=False)
+        if done.returncode == 0 or "No available agent" not in done.stderr + done.stdout:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+    deadline, status = time.time() + timeout, ""
+    while time.time() < deadline:
+        time.sleep(5)
+        try:   # a loaded head answers slowly: a look that times out is retried
+            status = ray_cli("job", "status", job_id, env=env, check=False, timeout=180).stdout.lower()
+        except subprocess.TimeoutExpired:
+            continue
+        if any(word in status for word in ("succeeded", "failed", "stopped")):
+            break
+    return status, ray_cli("job", "logs", job_id, env=env, check=False, timeout=300).stdout
+
+
+PROBE = """
+import json, ray
+from pipelines.resources import RESOURCE_REQUESTS, Stage
+ray.init()
+@ray.remote
+def where():
+    import os
+    return os.environ.get("RAY_NODE_TYPE_NAME", "?")
+placed = {s.value: ray.get(where.options(num_cpus=RESOURCE_REQUESTS[s].get("CPU", 0),
+                                         num_gpus=RESOURCE_REQUESTS[s].get("GPU", 0),
+                                         resources={k: v for k, v in RESOURCE_REQUESTS[s].items()
+                                                    if k not in ("CPU", "GPU")}).remote())
+          for s in (Stage.CAPTION, Stage.PRETRAIN)}
+print("PLACED " + json.dumps(placed))
+"""
+
+
+def s3_keys(endpoint: str, prefix: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    keys, token = [], None
+    while True:
+        page = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
+        keys += [o["Key"] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            return keys
+        token = page["NextContinuationToken"]
+
+
+def test_tiny_chain_on_a_simulated_autoscaling_cluster(cluster, s3_endpoint):
+    from mlflow.tracking import MlflowClient
+
+    env, gcs, temp_dir, mlflow_uri = cluster
+    clock = time.perf_counter()
+    autoscaler = Autoscaler(temp_dir)
+    root = f"s3://{BUCKET}/runs/{uuid.uuid4().hex[:6]}"
+    experiment = f"autoscale-{uuid.uuid4().hex[:6]}"
+    runtime_env = {"excludes": ["/.venv", "/.git", "/outputs", "/mlruns", "/bench/results", "__pycache__", "*.egg-info"],
+                   "env_vars": {"MLFLOW_TRACKING_URI": mlflow_uri, "TIPSV2_GIT_COMMIT": "test",
+                                # a loaded machine's server answers slowly (tracking.MlflowSink's 10 s, no retry)
+                                "MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}}
+    status, logs = submit(env, ["python", "-m", "pipelines.run_all", "--config", "tiny", "--output", root,
+                                "--set", f"tracking.experiment={experiment}",
+                                "--set", "pretrain.steps=2", "--set", "distill.steps=2",
+                                "--set", "pretrain.log_every=1", "--set", "distill.log_every=1",
+                                "--set", "pretrain.engine.checkpoint_every=1",
+                                "--set", "pretrain.engine.cpus_per_worker=0.5",
+                                "--set", "distill.engine.cpus_per_worker=0.5",
+                                "--set", "source.synthetic.train_size=16", "--set", "source.synthetic.val_size=4",
+                                "--set", "source.synthetic.test_size=4", "--set", "source.skimage_samples=false",
+                                "--set", "ingest.read_blocks=2", "--set", "evaluate_suite=tiny"],
+                           runtime_env, f"chain-{uuid.uuid4().hex[:6]}", timeout=2400)
+    chain_s = time.perf_counter() - clock
+    assert "succeeded" in status, status + "\n" + logs[-6000:]
+    status, probe_logs = submit(env, ["python", "-c", PROBE], {"excludes": runtime_env["excludes"]},
+                                f"probe-{uuid.uuid4().hex[:6]}", timeout=300)
+    assert "succeeded" in status, probe_logs[-3000:]
+    placed = json.loads(probe_logs.split("PLACED ", 1)[1].splitlines()[0])
+    deadline = time.time() + 60 * IDLE_MINUTES + 120   # idle nodes are removed after IDLE_MINUTES
+    while time.time() < deadline and autoscaler.active():
+        time.sleep(5)
+    total_s = time.perf_counter() - clock
+    added, removed, failed = (autoscaler.events(v) for v in ("added", "removed", "failed"))
+    print(f"\nautoscaling test: chain job {chain_s:.0f} s, total {total_s:.0f} s; launched {added}, "
+          f"removed when idle {removed}, failed to start in time {failed}")
+
+    # The autoscaler started what the stages asked for, and removed every worker node once idle.
+    assert placed == {"caption": "caption_gpu", "pretrain": "train_gpu"}, placed
+    assert {"cpu_worker", "caption_gpu", "train_gpu"} <= set(added), added
+    assert not autoscaler.active(), f"still active after the idle timeout: {autoscaler.active()}"
+    for kind in set(added):
+        assert added.count(kind) - failed.count(kind) == removed.count(kind), (kind, added, failed, removed)
+
+    # Outputs and checkpoints on S3.
+    keys = set(s3_keys(s3_endpoint, root.split(f"{BUCKET}/", 1)[1] + "/"))
+    prefix = root.split(f"{BUCKET}/", 1)[1]
+    for wanted in ("ingest/summary.json", "caption/summary.json", "pretrain/export/model.safetensors",
+                   "distill/export/model.safetensors", "evaluate/student/summary.json", "run_all.json"):
+        assert f"{prefix}/{wanted}" in keys, wanted
+    assert any(k.startswith(f"{prefix}/ingest/images/") and k.endswith(".parquet") for k in keys)
+    assert any(k.startswith(f"{prefix}/pretrain/ray/train/") for k in keys), "no checkpoint on S3"
+    assert not any("mlflow.db" in k or "metrics_offline" in k for k in keys)
+    # MLflow artifacts in S3, through the server.
+    assert s3_keys(s3_endpoint, "mlflow/"), "no MLflow artifact on S3"
+
+    # One run per stage on the server, with params, step metrics and artifacts.
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    stage_of = {r.info.run_id: r.data.tags.get("tipsv2.stage") or r.data.tags.get("tipsv2.job") for r in runs}
+    stages = sorted(s for s in stage_of.values() if s)
+    assert stages == ["caption", "distill", "ingest", "pretrain"], stages
+    for run in runs:
+        if stage_of[run.info.run_id]:
+            assert run.data.params and run.info.status == "FINISHED", run.info
+            assert client.list_artifacts(run.info.run_id), f"{stage_of[run.info.run_id]}: no artifacts"
+        if stage_of[run.info.run_id] == "pretrain":
+            assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 2
+    assert len([r for r in runs if r.info.run_name == "eval-tiny"]) == 2   # teacher and student
+
+    # Nothing written to the job's working directory on any node (what was unpacked is all there is).
+    written = [str(p) for d in Path("/tmp").glob(f"{Path(temp_dir).name}*/session_*/runtime_resources/working_dir_files/*")
+               for p in d.rglob("*") if p.is_file() and re.search(r"(mlflow\.db|mlruns|mlartifacts|\.parquet$|"
+                                                                     r"metrics_offline|/outputs/|spm\.model)", str(p))]
+    assert not written, written
+    assert total_s < 3000
