@@ -68,7 +68,9 @@ def start_mlflow_on_s3(root: Path, endpoint: str) -> tuple[subprocess.Popen, str
     env = os.environ | {"MLFLOW_S3_ENDPOINT_URL": endpoint}
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--host", "127.0.0.1",
+         # 0.0.0.0 as on the cluster head (cluster/aws.yaml): the trainer hands ranks this node's address
+         # (tracking.for_every_node), which is not 127.0.0.1 when Ray sees the machine's IP.
+         "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--host", "0.0.0.0",
          "--port", str(port), "--workers", "1"], env=env, stdout=(root / "mlflow.log").open("w"),
         stderr=subprocess.STDOUT, start_new_session=True)
     import urllib.request
@@ -221,7 +223,7 @@ def test_tiny_chain_on_a_simulated_autoscaling_cluster(cluster, s3_endpoint):
     status, probe_logs = submit(env, ["python", "-c", PROBE], {"excludes": runtime_env["excludes"]},
                                 f"probe-{uuid.uuid4().hex[:6]}", timeout=300)
     assert "succeeded" in status, probe_logs[-3000:]
-    placed = json.loads(probe_logs.split("PLACED ", 1)[1].splitlines()[0])
+    placed = json.loads(probe_logs.rsplit("PLACED ", 1)[1].splitlines()[0])   # the last: the log echoes the script
     deadline = time.time() + 60 * IDLE_MINUTES + 120   # idle nodes are removed after IDLE_MINUTES
     while time.time() < deadline and autoscaler.active():
         time.sleep(5)
