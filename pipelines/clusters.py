@@ -7,12 +7,13 @@ and which node type a stage's worker lands on.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from pipelines.resources import ResourceDict, accelerator, fitting_node_types, node_type_resources
+from pipelines.resources import ResourceDict, accelerator, fitting_node_types, node_type_resources, workers_per_node
 
 ROOT = Path(__file__).resolve().parents[1]
 PRICES = ROOT / "cluster" / "prices.yaml"

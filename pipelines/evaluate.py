@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
 from pipelines import cli, registry, storage

@@ -9,6 +9,11 @@ the job's working directory; the server holds one run per stage with params, ste
 The head owns its own temp dir and GCS port (the provider's `gcs_address`), and only its processes are
 stopped afterwards (never `ray stop`, which would stop every Ray on the machine). Worker CPU counts are capped
 at CPU_CAP: every fake node runs on this machine's cores.
+
+Status: not yet seen passing end to end (the last run, at load average 25-70: the chain job succeeded in
+451 s, the autoscaler launched cpu_worker, caption_gpu and train_gpu and removed each when idle, nothing
+landed in a working dir; the checks then failed on a parsing bug since fixed, and the MLflow server stopped
+answering after pretrain). Until it passes it runs in `make test-cluster`, not in `make test`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.resources import RESOURCE_REQUESTS, Stage
 from tests.test_job_submit import free_port, ray_cli, stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +38,8 @@ BUCKET = "tipsv2-test"
 CPU_CAP = 8            # logical CPUs of a fake node (aws.yaml's 32-192 would oversubscribe two cores)
 IDLE_MINUTES = 0.5     # a fake node goes away after 30 idle seconds (less: nodes churn between stages)
 
-pytestmark = pytest.mark.slow
+# Not yet part of `make test`: it has not passed end to end here (see the module doc); `make test-cluster` runs it.
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def fake_cluster_config(gcs_port: int, temp_dir: str = "/tmp/unused") -> dict:
@@ -167,7 +172,6 @@ def submit(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str, tim
 
 PROBE = """
 import json, ray
-from pipelines.resources import RESOURCE_REQUESTS, Stage
 ray.init()
 @ray.remote
 def where():
