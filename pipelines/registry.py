@@ -118,9 +118,10 @@ def tracking_at(uri: str) -> Iterator[None]:
 
 def register_export(sink: MetricsSink, tracking, *, job: str, hf_dir: str, step: int,
                     datasets: list[ParquetSet]) -> dict[str, Any] | None:
-    """Log the export's transformers directory `hf_dir` as a pyfunc model of the sink's run and register it as a version of
-    `tracking.registered_model`; {name, version, model_id, model_uri}, or None when disabled or when MLflow
-    failed (a warning; the export on disk stands). `step`: the run's last step, whose metrics go with it."""
+    """Log the export's transformers directory `hf_dir` as a pyfunc model of the sink's run and register it
+    as a version of `tracking.registered_model`; {name, version, model_id, model_uri}, or None when disabled
+    or when MLflow failed (a warning; the export on disk stands). `step`: the run's last step, whose metrics
+    go with it."""
     name = model_name(tracking.registered_model, job)
     client = getattr(sink, "client", None)
     if name is None or client is None:
@@ -177,6 +178,15 @@ def model_version(client, spec: str):
                          f"{type(err).__name__}: {str(err)[:200]}") from err
 
 
+def logged_model_id(entry) -> str | None:
+    """The id of the logged model a ModelVersion was registered from (its source `models:/m-...`; the
+    registry's own store keeps no model_id column)."""
+    if entry.model_id:
+        return entry.model_id
+    source = entry.source or ""
+    return source[len("models:/"):] if re.fullmatch(r"models:/m-[0-9a-f]+", source) else None
+
+
 def runs_of(client, specs: list[str]) -> dict[str, str]:
     """{run id: NAME/VERSION} of the runs that registered the versions `specs` name."""
     found = {}
@@ -206,8 +216,9 @@ def resolved(spec: str, tracking_uri: str | None) -> Iterator[str]:
 
     found = model_version(MlflowClient(tracking_uri, registry_uri=tracking_uri), spec)
     with tempfile.TemporaryDirectory(prefix="tipsv2-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{found.name}/{found.version}",
-                                                    dst_path=tmp, tracking_uri=tracking_uri)
+        with tracking_at(tracking_uri):   # models:/ URIs resolve against the fluent registry URI
+            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{found.name}/{found.version}",
+                                                        dst_path=tmp)
         yield f"hf:{Path(local) / 'artifacts' / HF_ARTIFACT}"
 
 
@@ -221,7 +232,8 @@ def link_evaluation(sink: MetricsSink, spec: str, keys: list[str], *, suite: str
 
     registry = MlflowClient(sink.uri, registry_uri=sink.uri)
     found = model_version(registry, spec)
-    sink.set_tags({"tipsv2.model": f"{found.name}/{found.version}", "tipsv2.model_id": found.model_id or ""})
-    if found.model_id:
-        relink_metrics(client, sink.run_id, keys, model_id=found.model_id)
+    model_id = logged_model_id(found)
+    sink.set_tags({"tipsv2.model": f"{found.name}/{found.version}", "tipsv2.model_id": model_id or ""})
+    if model_id:
+        relink_metrics(client, sink.run_id, keys, model_id=model_id)
     registry.set_model_version_tag(found.name, found.version, f"tipsv2.eval.{suite}.run_id", sink.run_id)

@@ -37,7 +37,15 @@ def change_a_caption(output: str) -> None:
 @pytest.fixture(scope="module")
 def resumed(ray_local, mlflow_server, train_cfg, tmp_path_factory) -> dict:
     _, uri = mlflow_server
-    output = str(tmp_path_factory.mktemp("lineage_run"))
+    patch = pytest.MonkeyPatch()   # MlflowSink's 10 s per request is too short for a server on a loaded machine
+    patch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    try:
+        yield resumed_run(uri, train_cfg, str(tmp_path_factory.mktemp("lineage_run")))
+    finally:
+        patch.undo()
+
+
+def resumed_run(uri: str, train_cfg, output: str) -> dict:
     sets = ("engine.workers=1", "steps=2", "engine.checkpoint_every=1", f"tracking.uri={uri}",
             "tracking.experiment=lineage", f"tracking.registered_model={NAME}")
     with pytest.raises(NonFiniteLoss):   # stops at step 1, after the checkpoint of step 0
@@ -90,7 +98,8 @@ def test_the_registered_version_loads_as_a_pyfunc_that_matches_our_model(resumed
     version = client.get_model_version(model_info["name"], model_info["version"])
     assert version.run_id == resumed["summary"]["mlflow_run_id"]
     assert version.tags["tipsv2.captions.digest"] == resumed["after"] and version.tags["tipsv2.job"] == "pretrain"
-    assert "loss/total" in {m.key for m in client.get_logged_model(version.model_id).metrics}
+    assert registry.logged_model_id(version) == model_info["model_id"]
+    assert "loss/total" in {m.key for m in client.get_logged_model(model_info["model_id"]).metrics}
     with registry.tracking_at(resumed["uri"]):
         pyfunc = mlflow.pyfunc.load_model(model_info["model_uri"])
     png, text = registry.example_image(), ["a red cube on a green floor", "two blue spheres"]
@@ -122,7 +131,7 @@ def test_evaluation_of_a_version_logs_against_it(resumed, tmp_path):
     assert found.data.tags["tipsv2.model"] == f"{name}/{number}" and found.data.params["checkpoint"] == spec
     version = client.get_model_version(name, number)
     assert version.tags["tipsv2.eval.tiny.run_id"] == summary["mlflow_run_id"]
-    linked = {m.key for m in client.get_logged_model(version.model_id).metrics}
+    linked = {m.key for m in client.get_logged_model(registry.logged_model_id(version)).metrics}
     assert "eval/tiny/zero_shot_classification/cls1/top1" in linked
     with pytest.raises(ValueError, match="'models:/lineage-test-pretrain/99' is not a registered model version"):
         evaluate.run(evaluate.EvaluateConfig(checkpoint="models:/lineage-test-pretrain/99", suite="tiny",
