@@ -43,6 +43,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: kB
 
 
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def task_argument_bytes(cfg, output: str) -> dict[str, int]:
     """Pickled size of what each Ray task of the stage is handed besides its block."""
     import cloudpickle
@@ -64,7 +70,7 @@ def child(rows: int, work: str) -> None:
 
     ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
     cfg = dataclasses.replace(caption.template(), input=str(Path(work) / "in"))
-    before = peak_rss_mb()
+    before, current_before = peak_rss_mb(), rss_mb()
     start = time.perf_counter()
     first = caption.run(cfg, str(Path(work) / "out"))
     first_s, after_first = time.perf_counter() - start, peak_rss_mb()
@@ -76,6 +82,7 @@ def child(rows: int, work: str) -> None:
                       "driver_peak_rss_mb_before": round(before, 1), "driver_peak_rss_mb_after_run": round(after_first, 1),
                       "driver_peak_rss_mb_after_resume": round(peak_rss_mb(), 1),
                       "driver_rss_growth_mb": round(peak_rss_mb() - before, 1),
+                      "driver_current_rss_mb_before_after": [round(current_before, 1), round(rss_mb(), 1)],
                       "task_argument_bytes": task_argument_bytes(cfg, str(Path(work) / "out")),
                       "run_s": round(first_s, 1), "resume_s": round(resume_s, 1),
                       "images_per_s": round(rows / first_s, 1), "output_files": first["written"]["files"],
