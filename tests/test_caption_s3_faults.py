@@ -121,7 +121,7 @@ def _put_images(client, prefix: str, files: int, rows: int) -> list[str]:
     return ids
 
 
-def _run(ray_local, endpoint: str, prefix: str, *, fail_fast: bool = False) -> subprocess.CompletedProcess:
+def _run(ray_local, endpoint: str, prefix: str, *, tracking: str, fail_fast: bool = False) -> subprocess.CompletedProcess:
     """The stage in a driver whose Ray job (and so every task) talks to `endpoint`. `fail_fast`: 2 attempts
     per S3 request and no Ray Data I/O retries (minutes of backoff otherwise), for the persistent failure."""
     env_vars = {"AWS_ENDPOINT_URL": endpoint, **({"AWS_MAX_ATTEMPTS": "2"} if fail_fast else {})}
@@ -132,7 +132,7 @@ def _run(ray_local, endpoint: str, prefix: str, *, fail_fast: bool = False) -> s
             "from pipelines import caption\n"
             f"caption.main(['--config', 'template', '--set', 'input=s3://{BUCKET}/{prefix}/in', '--set', "
             f"'engine.batch_size=5', '--output', 's3://{BUCKET}/{prefix}/out'])\n")
-    env = {**os.environ, **env_vars}
+    env = {**os.environ, **env_vars, "MLFLOW_TRACKING_URI": tracking}   # an s3:// output needs a shared store
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -144,13 +144,13 @@ def _output_ids(client, prefix: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_slow_down_is_retried_and_a_persistent_failure_resumes(ray_local, s3_endpoint):
+def test_slow_down_is_retried_and_a_persistent_failure_resumes(ray_local, s3_endpoint, mlflow_server):
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     proxy = FaultyS3Proxy(s3_endpoint)
 
     ids = _put_images(client, "faults-a", files=3, rows=10)
     proxy.every = 4
-    done = _run(ray_local, proxy.url, "faults-a")
+    done = _run(ray_local, proxy.url, "faults-a", tracking=mlflow_server[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert proxy.injected > 0, "the proxy should have answered some requests with 503"
     assert sorted(_output_ids(client, "faults-a")) == sorted(ids), "0 rows lost, none twice"
@@ -158,14 +158,14 @@ def test_slow_down_is_retried_and_a_persistent_failure_resumes(ray_local, s3_end
 
     ids = _put_images(client, "faults-b", files=3, rows=10)
     proxy.every, proxy.fail_after_commit, proxy.committed = 0, True, False
-    failed = _run(ray_local, proxy.url, "faults-b", fail_fast=True)
+    failed = _run(ray_local, proxy.url, "faults-b", tracking=mlflow_server[1], fail_fast=True)
     assert failed.returncode != 0
     message = failed.stderr.strip().splitlines()[-1]
     assert "rerun" in message and ("SLOW_DOWN" in message or "SlowDown" in message or "503" in message), message
     partial = _output_ids(client, "faults-b")
     assert 0 < len(partial) < len(ids) and len(partial) == len(set(partial))
     proxy.fail_after_commit = False
-    resumed = _run(ray_local, proxy.url, "faults-b")
+    resumed = _run(ray_local, proxy.url, "faults-b", tracking=mlflow_server[1])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(_output_ids(client, "faults-b")) == sorted(ids)
     print(f"persistent failure: {len(partial)} of {len(ids)} ids committed before it; message: {message[:300]}")
