@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -107,14 +106,15 @@ def metrics_table(results: dict[str, dict[str, float]], keys: Sequence[str]) -> 
                             for name, r in results.items())
 
 
-def build_report(output: str) -> dict[str, Any]:
-    """`<output>/report/`: report.md and its figures, from a finished pipelines.run_all output root."""
+def build_report(output: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """`<output>/report/`: report.md and its figures, from a finished pipelines.run_all output root; the loss
+    histories from `tracking_uri` (the chain's store), else MLFLOW_TRACKING_URI, else the root's sqlite."""
     from mlflow.tracking import MlflowClient   # heavy; only the report needs it
 
     out = Path(output) / "report"
     out.mkdir(parents=True, exist_ok=True)
     summary = {s: storage.read_json(str(Path(output) / s / cli.SUMMARY_FILE)) for s in ("pretrain", "distill")}
-    client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or default_uri(output))
+    client = MlflowClient(tracking_uri or default_uri(output))
     histories = {}
     for name, s in summary.items():
         run_id = s["mlflow_run_id"]

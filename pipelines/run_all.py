@@ -192,7 +192,7 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
                             lambda out: evaluate_step(cfg, out, models=models, tokenizer=tok["tokenizer"],
                                                       eval_data=eval_data, tracking=chain.tracking), own_run=False)
     if "://" not in output:
-        chain.step("report", {"models": models}, lambda out: report.build_report(output), own_run=False)
+        chain.step("report", {"models": models}, lambda out: report.build_report(output, chain.uri), own_run=False)
     chain.parent.log_metrics({f"{m}/{k}": v for m, r in evaluation.items() for k, v in r.items()}, step=0)
     chain.parent.close()
     summary = {"steps": {k: v for k, v in chain.results.items()}, "mlflow_parent_run_id": chain.parent.run_id,
