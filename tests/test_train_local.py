@@ -129,7 +129,7 @@ def test_local_distill_from_the_exports_hf_directory(train_local_reference, tmp_
 @pytest.mark.slow
 def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
     from pipelines import distill
-    output = str(tmp_path / "distill")
+    output = str(tmp_path / "student")   # not ROOT/distill: a run root would want ROOT/ingest (pipelines.layout)
     args = ["--config", "tiny", "--teacher", f"{train_local_reference[0]}/export", "--local", "--output", output,
             "--set", "steps=2", "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
             "--set", "data.synthetic.test_size=2"]
@@ -153,7 +153,7 @@ def test_local_distill_runs_and_a_rerun_skips(train_local_reference, tmp_path):
 def test_distill_without_a_teacher_fails_clearly(tmp_path, capsys):
     from pipelines import distill
     from pipelines.train import Job
-    from tipsv2.configs import distill_preset
+    from pipelines.train.config import distill_preset
     with pytest.raises(SystemExit) as exited:   # a usage error (exit 2) from the command line, before training
         distill.main(["--config", "tiny", "--local", "--output", str(tmp_path), "--set", "steps=1",
                       "--set", "data.synthetic.train_size=16", "--set", "data.synthetic.val_size=2",
