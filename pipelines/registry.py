@@ -106,14 +106,18 @@ def tracking_at(uri: str) -> Iterator[None]:
     """MLflow's fluent API (which log_model needs) pointed at `uri` for a moment."""
     import mlflow
 
-    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    # MLflow's own module globals (None = unset), put back as they were: get_*_uri() would return a default
+    # that set_*_uri() then pins, and later clients without an explicit registry URI would follow it.
+    before = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before[0])
-        mlflow.set_registry_uri(before[1])
+        _tracking_service.utils._tracking_uri = before[0]
+        _model_registry.utils._registry_uri = before[1]
 
 
 def register_export(sink: MetricsSink, tracking, *, job: str, hf_dir: str, step: int,

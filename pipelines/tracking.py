@@ -199,7 +199,9 @@ class MlflowSink:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        # The registry too at `uri`: without it MlflowClient takes MLflow's global registry URI, which the
+        # fluent API (pipelines/registry.py) may have pointed at another store earlier in this process.
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         self.offline = Path(offline_dir) / "metrics_offline.jsonl" if offline_dir else None
         self.pending: list[tuple[dict[str, float], int, int]] = []
         if run_id is not None:

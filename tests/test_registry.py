@@ -147,3 +147,21 @@ def test_compare_selects_runs_by_version_and_shows_their_caption_set(resumed, tm
     assert "| model | captions |" in (tmp_path / "cmp" / "comparison.md").read_text()
     with pytest.raises(ValueError, match="expected models:/NAME/VERSION"):
         compare.run(experiment=None, models=["no-version"], output=str(tmp_path / "bad"), tracking_uri=resumed["uri"])
+
+
+def test_registering_leaves_mlflows_global_uris_as_they_were(tmp_path):
+    """The bug this caught: after one registration in a process, MLflow's global registry URI stayed pinned
+    to that store, so the next run's MlflowClient (no explicit registry URI) registered nowhere:
+    "Registered Model ... not found"."""
+    from mlflow.tracking import _model_registry, _tracking_service
+
+    from pipelines.tracking import MlflowSink
+
+    before = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
+    with registry.tracking_at(f"sqlite:///{tmp_path / 'a.db'}"):
+        assert _model_registry.utils._registry_uri.endswith("a.db")
+    assert (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri) == before
+    uri = f"sqlite:///{tmp_path / 'b.db'}"
+    sink = MlflowSink(uri=uri, experiment="registry-uri")
+    assert sink.client._registry_uri == uri
+    sink.close()
