@@ -175,15 +175,22 @@ def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300   # 76 s measured for a cold start on a shared 2-core machine at load 40
+    if healthy(uri, within_s=300):   # 76 s measured for a cold start on a shared 2-core machine at load 40
+        return process, uri
+    stop_mlflow_server(process)
+    raise RuntimeError(f"mlflow server on {uri} did not answer /health within 300 s")
+
+
+def healthy(uri: str, *, within_s: float) -> bool:
+    """Whether the server at `uri` answers `GET /health` with 200 within `within_s` seconds."""
+    deadline = time.time() + within_s
     while time.time() < deadline:
         try:
             if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return process, uri
+                return True
         except OSError:
             time.sleep(1)
-    stop_mlflow_server(process)
-    raise RuntimeError(f"mlflow server on {uri} did not answer /health within 300 s")
+    return False
 
 
 def stop_mlflow_server(process: subprocess.Popen) -> None:

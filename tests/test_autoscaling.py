@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.testing import healthy
 from tests.test_job_submit import free_port, ray_cli, stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,15 +79,9 @@ def start_mlflow_on_s3(root: Path, endpoint: str) -> tuple[subprocess.Popen, str
          "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--host", "0.0.0.0",
          "--port", str(port), "--workers", "1"], env=env, stdout=(root / "mlflow.log").open("w"),
         stderr=subprocess.STDOUT, start_new_session=True)
-    import urllib.request
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600   # about 15 s on an idle machine; minutes on a loaded one
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                return process, uri
-        except OSError:
-            time.sleep(1)
+    if healthy(uri, within_s=600):   # about 15 s on an idle machine; minutes on a loaded one
+        return process, uri
     os.killpg(process.pid, 9)
     raise RuntimeError(f"mlflow server did not start:\n{(root / 'mlflow.log').read_text()[-2000:]}")
 
