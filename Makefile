@@ -24,9 +24,9 @@ demo: $(STAMP)
 	$(BIN)/python -m pipelines.run_all --config demo --output outputs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=25 -m "not cluster" tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
-# The simulated autoscaling cluster (tests/test_autoscaling.py): about 20 min on a loaded 2-core machine.
+# Only the simulated autoscaling cluster (tests/test_autoscaling.py, part of `make test`): about 3 min idle.
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -q -m cluster tests
 

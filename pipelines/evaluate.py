@@ -165,6 +165,7 @@ def open_tracking(cfg: EvaluateConfig, output: str) -> MetricsSink:
     sink = open_sink(tracking, output_root=local_root, run_id=cfg.run_id)
     if cfg.run_id is None:
         sink.log_params(config_tree.to_dict(cfg))
+        sink.set_tags({"tipsv2.stage": "evaluate", "tipsv2.output": output})   # as ingest's and caption's runs
     else:   # an existing run's params cannot change: record what was evaluated as tags
         sink.set_tags({f"eval.{cfg.suite}.checkpoint": cfg.checkpoint, f"eval.{cfg.suite}.data": str(cfg.data)})
     return sink

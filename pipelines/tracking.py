@@ -162,14 +162,62 @@ def store_uri(configured: str | None, output_root: str | None) -> str:
 
 
 def for_every_node(uri: str, output_root: str | None) -> str:
-    """The tracking URI as other nodes of the cluster reach it: in a cluster this driver joined (RAY_ADDRESS, as
-    under `ray job submit`, whose drivers run on the head) a loopback server (http://127.0.0.1:5000, the one
-    the cluster configs start on the head) becomes this node's IP; a local file store is refused on several nodes."""
-    if LOOPBACK.match(uri) and os.environ.get("RAY_ADDRESS") and ray_nodes():
+    """The tracking URI as ranks on other nodes reach it. In a cluster this process joined (`ray job submit`, whose
+    drivers run on the head, or a driver started on a node of a running cluster) a loopback server
+    (http://127.0.0.1:5000, the one the cluster configs start on the head) becomes this node's IP, checked to
+    answer there (`shared_server`); an autoscaling cluster may have no other node yet, so the count of nodes now
+    does not decide it. A local file store is refused on several nodes (`require_shared_store`)."""
+    if LOOPBACK.match(uri) and joined_cluster():
         import ray.util
 
-        return LOOPBACK.sub(lambda m: f"{m.group(1)}{ray.util.get_node_ip_address()}{m.group(3)}", uri)
+        return shared_server(uri, ray.util.get_node_ip_address(), nodes=ray_nodes())
     return require_shared_store(uri, output_root)
+
+
+def joined_cluster() -> bool:
+    """Whether this process joined a Ray cluster that it did not start (ray.init() found a running one)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return False
+    node = ray._private.worker._global_node   # `ray_init_cluster`: ray.init() started this cluster itself
+    return not getattr(node, "ray_init_cluster", True)
+
+
+def shared_server(uri: str, node_ip: str, *, nodes: int) -> str:
+    """`uri` (a loopback MLflow server on this node) with `node_ip` for its host, once a real API call answers
+    there. If it does not (a server listening on 127.0.0.1 only, or MLflow's Host check refusing the address),
+    ranks on other nodes would lose every metric: ValueError with the fix on a cluster of several nodes; on a
+    single node `uri` itself, with a warning (nodes added later would not reach it)."""
+    shared = LOOPBACK.sub(lambda m: f"{m.group(1)}{node_ip}{m.group(3)}", uri)
+    problem = _refusal(shared)
+    if problem is None:
+        return shared
+    message = (f"MLflow server {_redact_uri(uri)} does not answer at {_redact_uri(shared)}, where ranks on other "
+               f"nodes reach it ({problem}); start it with `--host 0.0.0.0 --allowed-hosts {node_ip}:*,localhost:*` "
+               f"(MLflow answers only Host headers it allows: localhost and private IPs by default), or set "
+               f"tracking.uri to an address every node reaches")
+    if nodes > 1:
+        raise ValueError(message)
+    log.warning("%s; this Ray cluster has one node now, so runs log to %s", message, _redact_uri(uri))
+    return uri
+
+
+def _refusal(uri: str, timeout_s: float = 10) -> str | None:
+    """None when the server at `uri` answers an API request (not /health, which skips MLflow's Host check); else
+    why not, in a few words. Any HTTP answer but MLflow's Host refusal counts: credentials are the client's
+    concern (a 401 here would be answered with them)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1",
+                               timeout=timeout_s).close()
+        return None
+    except urllib.error.HTTPError as err:
+        refused = err.code == 403 and b"Invalid Host header" in err.read()
+        return "Host header refused" if refused else None
+    except OSError as err:   # connection refused, timed out, no route
+        return f"{type(err).__name__}: {str(err)[:160]}"
 
 
 def numbers(tree: Any, prefix: str = "") -> dict[str, float]:

@@ -118,6 +118,7 @@ def test_released_npz_gives_the_same_metrics_in_a_new_run(checkpoints, exported_
     assert results["metrics"] == pytest.approx(exported, rel=1e-4, abs=1e-6)
     run = MlflowClient(tracking_uri=mlflow_uri).get_run(summary["mlflow_run_id"])
     assert run.info.run_name == "eval-tiny" and run.data.params["suite"] == "tiny"
+    assert run.data.tags["tipsv2.stage"] == "evaluate" and run.data.tags["tipsv2.output"] == str(tmp_path)
     assert run.data.metrics["eval/tiny/linear_depth/rmse"] == pytest.approx(results["metrics"]["linear_depth/rmse"])
 
     again = evaluate.run(cfg, str(tmp_path))   # same config and output: skipped, nothing new logged

@@ -45,6 +45,26 @@ def test_a_file_store_is_refused_on_a_cluster_of_several_nodes(monkeypatch):
     assert tracking.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"   # no RAY_ADDRESS
 
 
+def test_a_loopback_server_is_handed_to_other_nodes_only_where_it_answers(mlflow_server, ray_local, monkeypatch,
+                                                                          caplog):
+    uri = mlflow_server[1]   # listens on 127.0.0.1 only, as `mlflow server` does by default
+    port = uri.rsplit(":", 1)[1]
+    assert tracking.shared_server(uri, "127.0.0.1", nodes=3) == uri   # answers there
+    # 127.0.0.2 stands in for the head's IP: the server does not listen on it, so a rank elsewhere would lose
+    # every metric. Refused on several nodes, with the fix; kept (warned) on one.
+    with pytest.raises(ValueError, match=rf"does not answer at http://127.0.0.2:{port}, where ranks on other nodes "
+                                         r"reach it \(.*\); start it with `--host 0.0.0.0 --allowed-hosts 127.0.0.2"):
+        tracking.shared_server(uri, "127.0.0.2", nodes=3)
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        assert tracking.shared_server(uri, "127.0.0.2", nodes=1) == uri
+    assert "this Ray cluster has one node now" in caplog.text
+    # This process started its own Ray: no other node will ever join it, so the URI is left as it is, even with
+    # RAY_ADDRESS set (the autoscaling test runs the case of a joined cluster).
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    assert not tracking.joined_cluster()
+    assert tracking.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"
+
+
 def test_ingest_and_caption_are_mlflow_runs(ray_local, no_tracking_env, tmp_path):
     source = tmp_path / "raw"
     source.mkdir()
