@@ -2,6 +2,8 @@
 
     source = prepare_source(cfg.data, output)           # synthetic scenes written first if no Parquet
     texts = read_texts(source)                           # ids + alt-text + captions, joined by id
+    datasets, read = lineage.read_source(source)         # or: digests and texts from one read of each set
+    texts = read_texts(source, read)
 
 Join. The caption Parquet is text only (about 1 KB a row): the driver reads `id` + `caption_*` columns
 with pyarrow, left-joins them onto the image ids and alt-texts, and puts the table in the object store;
@@ -53,23 +55,35 @@ def prepare_source(data_cfg, output: str) -> Source:
                   validation=storage.join(root, "val", "images"))
 
 
-def _read(uri: str, columns: list[str] | None) -> pa.Table:
+def _read(uri: str, columns: list[str] | None, read: dict[str, pa.Table] | None = None) -> pa.Table:
+    """`columns` of the Parquet at `uri`, from `read` (tables read before, by URI) where it holds them."""
+    if read and uri in read:
+        missing = [c for c in columns or [] if c not in read[uri].column_names]
+        if not missing:
+            return read[uri].select(columns) if columns else read[uri]
     fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type.name == "NotFound":
         raise ValueError(f"no Parquet at {uri!r}")
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
-def _columns(uri: str) -> list[str]:
+def _columns(uri: str, read: dict[str, pa.Table] | None = None) -> list[str]:
+    """The column names of the Parquet at `uri`: its schema's, or those of its table in `read` (enough for
+    read_texts: lineage.read takes every id and caption column there is)."""
+    if read and uri in read:
+        return read[uri].column_names
     import pyarrow.dataset as pads
 
     fs, path = storage.filesystem(uri)
     return pads.dataset(path, filesystem=fs, format="parquet").schema.names
 
 
-def read_texts(source: Source) -> pa.Table:
-    """(id, alt_text, caption_*) for every image id, sorted by id; captions null where none was written."""
-    images = _read(source.images, ["id", "alt_text"])
+def read_texts(source: Source, read: dict[str, pa.Table] | None = None) -> pa.Table:
+    """(id, alt_text, caption_*) for every image id, sorted by id; captions null where none was written.
+
+    `read`: tables already read by URI (`pipelines.lineage.read_source`, whose columns include these); a set
+    found there is not read again."""
+    images = _read(source.images, ["id", "alt_text"], read)
     if images.num_rows == 0:
         raise ValueError(f"image Parquet {source.images!r} has no rows")
     ids = images.column("id").to_pylist()
@@ -78,12 +92,12 @@ def read_texts(source: Source) -> pa.Table:
     if source.captions is None:
         texts = images.append_column("caption_short", pa.nulls(images.num_rows, pa.string()))
     else:
-        names = _columns(source.captions)
+        names = _columns(source.captions, read)
         present = [c for c in CAPTION_COLUMNS if c in names]
         if "id" not in names or not present:
             raise ValueError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS}; "
                              f"found {names}")
-        captions = _read(source.captions, ["id", *present])
+        captions = _read(source.captions, ["id", *present], read)
         if captions.num_rows != len(set(captions.column("id").to_pylist())):
             raise ValueError(f"caption Parquet {source.captions!r} repeats ids; expected one row per image id "
                              "(pipelines.caption compacts its output to exactly one)")

@@ -111,6 +111,12 @@ def provenance_summary(column: pa.ChunkedArray) -> list[dict[str, Any]]:
 
 def describe(uri: str, kind: Kind) -> ParquetSet:
     """Digest and profile of the Parquet file or directory at `uri` (local or s3://)."""
+    return read(uri, kind)[0]
+
+
+def read(uri: str, kind: Kind) -> tuple[ParquetSet, pa.Table]:
+    """`describe(uri, kind)` and the columns it read (CONTENT[kind] present, and captions' provenance), for a
+    caller that needs those rows too (the trainer's texts): one read of the set, not two."""
     fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type.name == "NotFound":
         raise ValueError(f"no {kind.value} Parquet at {uri!r}")
@@ -125,16 +131,24 @@ def describe(uri: str, kind: Kind) -> ParquetSet:
               "rows": fragment.metadata.num_rows} for fragment in dataset.get_fragments()]
     meta = dataset.schema.metadata or {}
     text = lambda key: meta[key].decode() if key in meta else None  # noqa: E731
-    return ParquetSet(kind=kind, uri=uri, digest=digest(table, wanted), rows=table.num_rows,
-                      files=sorted(files, key=lambda f: f["path"]), schema=text(b"tipsv2.schema"),
-                      schema_version=text(b"tipsv2.schema_version"),
-                      provenance=provenance_summary(table["provenance"]) if has_provenance else None)
+    found = ParquetSet(kind=kind, uri=uri, digest=digest(table, wanted), rows=table.num_rows,
+                       files=sorted(files, key=lambda f: f["path"]), schema=text(b"tipsv2.schema"),
+                       schema_version=text(b"tipsv2.schema_version"),
+                       provenance=provenance_summary(table["provenance"]) if has_provenance else None)
+    return found, table
+
+
+def read_source(source) -> tuple[list[ParquetSet], dict[str, pa.Table]]:
+    """The image and (if any) caption Parquet sets of a training `pipelines.data.Source`, and the tables read
+    for them by URI (`pipelines.data.read_texts(source, read=...)` takes its columns from these)."""
+    uris = [(source.images, Kind.IMAGES)] + ([(source.captions, Kind.CAPTIONS)] if source.captions else [])
+    found = [read(uri, kind) for uri, kind in uris]
+    return [d for d, _ in found], {d.uri: table for d, table in found}
 
 
 def describe_source(source) -> list[ParquetSet]:
     """The image and (if any) caption Parquet of a training `pipelines.data.Source`."""
-    found = [describe(source.images, Kind.IMAGES)]
-    return found + ([describe(source.captions, Kind.CAPTIONS)] if source.captions else [])
+    return read_source(source)[0]
 
 
 # ---------------------------------------------------------------- resume

@@ -63,6 +63,27 @@ def test_provenance_summary_counts_rows_per_granularity_model_and_prompt(tmp_pat
     assert profile["rows"] == 3 and profile["num_files"] == 1 and profile["files"][0]["rows"] == 3
 
 
+def test_the_trainer_reads_each_set_once_for_its_digest_and_its_texts(tmp_path, monkeypatch):
+    from pipelines import data
+    from tipsv2.data.synthetic import Split, SyntheticConfig, write_parquet
+
+    root = tmp_path / "synthetic"
+    write_parquet(str(root), SyntheticConfig(train_size=6, val_size=2, test_size=2), splits=(Split.TRAIN,))
+    source = data.Source(images=str(root / "train" / "images"), captions=str(root / "train" / "ground_truth"))
+    expected_texts, expected_sets = data.read_texts(source), lineage.describe_source(source)
+
+    reads = []   # a spy on pyarrow's readers: counts calls, changes nothing
+    for module, name in ((data.pq, "read_table"), (lineage.pads, "dataset")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+    datasets, read = lineage.read_source(source)
+    assert reads == ["dataset", "dataset"]   # one dataset (one read) per set
+    texts = data.read_texts(source, read)
+    assert reads == ["dataset", "dataset"]   # the texts came from those tables: nothing read again
+    assert texts.equals(expected_texts)
+    assert [d.digest for d in datasets] == [d.digest for d in expected_sets]   # the digests as recorded before
+
+
 def test_bad_input_names_the_value(tmp_path):
     with pytest.raises(ValueError, match="no captions Parquet at '.*missing'"):
         describe(str(tmp_path / "missing"), Kind.CAPTIONS)

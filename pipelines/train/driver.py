@@ -119,9 +119,10 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: F
     check_same_config(output, cfg, resuming=resume_from is not None)
     cli.write_resolved_config(output, cfg)
     source = data.prepare_source(cfg.data, output)
-    datasets = lineage.describe_source(source)     # refuses a resume whose caption set changed (or warns)
+    datasets, read = lineage.read_source(source)   # one read of each set: its digest, then the texts
     changed = lineage.check_resume(output, datasets, policy=cfg.data.on_caption_change, resuming=bool(resume_from))
-    texts = data.read_texts(source)
+    texts = data.read_texts(source, read)
+    del read
     tokenizer = prepare_tokenizer(cfg, output, texts)
     run_id = read_trainer_state(resume_from).run_id if resume_from else None
     sink = open_sink(cfg.tracking, output_root=output, run_id=run_id)
