@@ -166,11 +166,16 @@ def for_every_node(uri: str, output_root: str | None) -> str:
     drivers run on the head, or a driver started on a node of a running cluster) a loopback server
     (http://127.0.0.1:5000, the one the cluster configs start on the head) becomes this node's IP, checked to
     answer there (`shared_server`); an autoscaling cluster may have no other node yet, so the count of nodes now
-    does not decide it. A local file store is refused on several nodes (`require_shared_store`)."""
+    does not decide it. A local file store is refused on several nodes (`require_shared_store`), and where this
+    node runs no tasks (a joined cluster's CPU-less head: every rank starts elsewhere)."""
     if LOOPBACK.match(uri) and joined_cluster():
         import ray.util
 
         return shared_server(uri, ray.util.get_node_ip_address(), nodes=ray_nodes())
+    if is_local_store(uri) and joined_cluster() and not driver_node_runs_tasks():
+        raise ValueError(f"MLflow tracking store {_redact_uri(uri)} is a file on this node, but this node of the Ray "
+                         f"cluster runs no tasks (0 CPUs, as the cluster configs' head): the ranks start on other "
+                         f"nodes, which would not find it; {FIX}")
     return require_shared_store(uri, output_root)
 
 
@@ -181,6 +186,14 @@ def joined_cluster() -> bool:
         return False
     node = ray._private.worker._global_node   # `ray_init_cluster`: ray.init() started this cluster itself
     return not getattr(node, "ray_init_cluster", True)
+
+
+def driver_node_runs_tasks() -> bool:
+    """Whether the node this driver runs on offers CPUs (a head with 0, as in cluster/, sends every rank away)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return any(node["NodeID"] == here and node.get("Resources", {}).get("CPU", 0) > 0 for node in ray.nodes())
 
 
 def shared_server(uri: str, node_ip: str, *, nodes: int) -> str:

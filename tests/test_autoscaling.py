@@ -270,6 +270,13 @@ def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpo
                                 f"probe-{run}", timeout=300)
     assert "succeeded" in status, probe_logs[-3000:]
     placed = json.loads(probe_logs.rsplit("PLACED ", 1)[1].splitlines()[0])   # the last: the log echoes the script
+    # No tracking server and a local output: a sqlite file on the head, which runs no tasks, so every rank would
+    # log to a file of its own node's. Refused before any rank starts, naming the fix.
+    local = {**runtime_env, "env_vars": runtime_env["env_vars"] | {"MLFLOW_TRACKING_URI": ""}}
+    status, refused_logs = submit(env, ["python", "-m", "pipelines.pretrain", "--config", "tiny", "--output",
+                                        f"{temp_dir}-local/tiny", "--set", "steps=1"], local, f"file-{run}", 300)
+    assert "failed" in status and "runs no tasks (0 CPUs" in refused_logs and "MLFLOW_TRACKING_URI" in refused_logs, \
+        refused_logs[-3000:]
     deadline = time.time() + 60 * IDLE_MINUTES + 120   # idle nodes are removed after IDLE_MINUTES
     while time.time() < deadline and autoscaler.active():
         time.sleep(5)

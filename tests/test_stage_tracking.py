@@ -61,7 +61,7 @@ def test_a_loopback_server_is_handed_to_other_nodes_only_where_it_answers(mlflow
     # This process started its own Ray: no other node will ever join it, so the URI is left as it is, even with
     # RAY_ADDRESS set (the autoscaling test runs the case of a joined cluster).
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    assert not tracking.joined_cluster()
+    assert not tracking.joined_cluster() and tracking.driver_node_runs_tasks()   # its 4 CPUs
     assert tracking.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"
 
 
