@@ -192,6 +192,16 @@ print("PLACED " + json.dumps(placed))
 """
 
 
+def packed_files() -> set[str]:
+    """What `--working-dir .` can have packed, relative to the repository: git's files (tracked, or untracked and
+    not ignored); in a checkout without .git, every file under it."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        return set(listed.stdout.split())
+    return {str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()}
+
+
 def s3_keys(endpoint: str, prefix: str) -> list[str]:
     import boto3
 
@@ -325,8 +335,7 @@ def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpo
 
     # Nothing written to the job's working directory on any node: every file there is one `--working-dir .`
     # packed (what git tracks or would track; Ray honours .gitignore), none new.
-    packed = set(subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout.split())
+    packed = packed_files()
     unpacked = [d for d in Path("/tmp").glob(f"{Path(temp_dir).name}*/session_*/runtime_resources/working_dir_files/"
                                              "_ray_pkg_*") if d.is_dir()]
     assert len(unpacked) >= 1 + len(set(added)), unpacked   # the head's and every worker node's
