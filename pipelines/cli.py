@@ -24,7 +24,7 @@ import textwrap
 import time
 from typing import Any, Callable, Protocol, TypeVar
 
-from pipelines import layout, storage, tracking
+from pipelines import layout, storage, tracking_store
 from tipsv2 import config_tree
 
 Cfg = TypeVar("Cfg")
@@ -112,7 +112,7 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
         if stage is not None:
             cfg = layout.connect(stage, cfg, output, check=not (args.print_config or args.list_keys))
         if stage in TRACKED and output and not (args.print_config or args.list_keys):
-            tracking.store_uri(getattr(getattr(cfg, "tracking", None), "uri", None), output)   # refused: exit 2
+            tracking_store.store_uri(getattr(getattr(cfg, "tracking", None), "uri", None), output)   # refused: exit 2
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:

@@ -39,7 +39,8 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from pipelines import cli, registry, storage
-from pipelines.tracking import MetricsSink, NullSink, TrackingConfig, default_uri, open_sink
+from pipelines.tracking import MetricsSink, NullSink, TrackingConfig, open_sink
+from pipelines.tracking_store import default_uri
 from tipsv2 import config_tree
 from tipsv2.checkpoint import ModelSource, load_source
 from tipsv2.eval.suites import SUITES, DataLocation, run_suite

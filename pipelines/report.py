@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines import cli, compare, storage
 from pipelines.heatmaps import HeatmapRow, Panel, plot_heatmaps, pyplot
-from pipelines.tracking import default_uri
+from pipelines.tracking_store import default_uri
 from tipsv2 import config_tree
 from tipsv2.checkpoint import load_export
 from tipsv2.data import synthetic

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from pipelines import caption, cli, data, ingest, report, storage
-from pipelines.tracking import MlflowSink, TrackingConfig, numbers, store_uri
+from pipelines.tracking import MlflowSink, TrackingConfig, numbers
+from pipelines.tracking_store import store_uri
 from tipsv2 import config_tree
 from pipelines.train.config import DistillJobConfig, PretrainJobConfig, distill_preset, preset
 from tipsv2.data.synthetic import SyntheticConfig

@@ -4,7 +4,7 @@
     def run(cfg: CaptionConfig, output: str) -> dict: ...
 
 Before the stage starts (before Ray): its inputs exist (pipelines.layout.check_inputs) and its tracking store
-is one every node reaches (pipelines.tracking.store_uri refuses a file store for a remote output). Then a run
+is one every node reaches (pipelines.tracking_store.store_uri refuses a file store for a remote output). Then a run
 where the stage's `tracking` config says (experiment "tipsv2" by default; pipelines.run_all sets the uri and
 its own run as the parent) named after the stage: the resolved config as params, the summary's numbers as metrics (step 0), summary.json
 as an artifact, the Parquet set it wrote as a dataset (pipelines/lineage.py); the run id goes into the summary
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines import cli, layout, lineage
-from pipelines.tracking import MlflowSink, numbers, store_uri
+from pipelines.tracking import MlflowSink, numbers
+from pipelines.tracking_store import store_uri
 from tipsv2 import config_tree
 
 log = logging.getLogger(__name__)

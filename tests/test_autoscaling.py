@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import tracking
+from pipelines import tracking_store
 from pipelines.testing import healthy
 from tests.test_job_submit import free_port, ray_cli, stop_head
 
@@ -83,7 +83,7 @@ def start_mlflow_on_s3(root: Path, endpoint: str) -> tuple[subprocess.Popen, str
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          # 0.0.0.0 as on the cluster head (cluster/aws.yaml): the trainer hands ranks this node's address
-         # (tracking.for_every_node), which is not 127.0.0.1 when Ray sees the machine's IP.
+         # (tracking_store.for_every_node), which is not 127.0.0.1 when Ray sees the machine's IP.
          "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts", "--host", "0.0.0.0",
          # MLflow answers only Host headers it allows: localhost and RFC 1918 addresses by default, which a cloud
          # head's IP is; this machine's may not be (192.0.2.2 here).
@@ -316,7 +316,7 @@ def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpo
 
     # The server's Host check, as ranks meet it: an address it does not allow is refused at start with the fix.
     with pytest.raises(ValueError, match=r"does not answer at http://127.0.0.2:\d+.*\(Host header refused\)"):
-        tracking.shared_server(mlflow_uri, "127.0.0.2", nodes=3)
+        tracking_store.shared_server(mlflow_uri, "127.0.0.2", nodes=3)
 
     # One run per stage on the server, with params, step metrics and artifacts; evaluate's on the distilled model.
     client = MlflowClient(mlflow_uri)

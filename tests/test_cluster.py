@@ -160,7 +160,7 @@ def test_launcher_head_starts_an_mlflow_server_with_artifacts_in_object_storage(
     assert argv[argv.index("--backend-store-uri") + 1].startswith("sqlite:///")
     assert "--serve-artifacts" in argv and argv[argv.index("--port") + 1] == "5000"
     uri = load(CLUSTER / "runtime_env.yaml")["env_vars"]["MLFLOW_TRACKING_URI"]
-    assert uri == "http://127.0.0.1:5000"   # jobs' drivers run on the head; pipelines.tracking.for_every_node
+    assert uri == "http://127.0.0.1:5000"   # jobs' drivers run on the head; pipelines.tracking_store.for_every_node
 
 
 # --- KubeRay manifests ---------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import caption, ingest, tracking
+from pipelines import caption, ingest, tracking_store
 from pipelines.testing import sample_images
 
 
@@ -22,9 +22,9 @@ def no_tracking_env(monkeypatch):
 def test_a_remote_output_without_a_tracking_uri_is_refused_with_the_fix(no_tracking_env, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"output s3://b/run/caption is remote and no tracking URI is set.*"
                                          r"set MLFLOW_TRACKING_URI"):
-        tracking.store_uri(None, "s3://b/run/caption")
-    assert tracking.store_uri("http://mlflow:5000", "s3://b/x") == "http://mlflow:5000"
-    assert tracking.store_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tracking_store.store_uri(None, "s3://b/run/caption")
+    assert tracking_store.store_uri("http://mlflow:5000", "s3://b/x") == "http://mlflow:5000"
+    assert tracking_store.store_uri(None, str(tmp_path)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "images").mkdir()
     with pytest.raises(SystemExit) as exited:   # the command line: one line, exit 2, before Ray or MLflow start
         caption.main(["--config", "template", "--set", f"input={tmp_path}", "--output", "gs://b/run/caption"])
@@ -34,35 +34,35 @@ def test_a_remote_output_without_a_tracking_uri_is_refused_with_the_fix(no_track
 
 def test_a_file_store_is_refused_on_a_cluster_of_several_nodes(monkeypatch):
     # A fake only for the node count (the autoscaling cluster test runs the real several-node case).
-    monkeypatch.setattr(tracking, "ray_nodes", lambda: 3)
+    monkeypatch.setattr(tracking_store, "ray_nodes", lambda: 3)
     with pytest.raises(ValueError, match=r"sqlite:///x/m.db is a file on this node, but the Ray cluster has 3 nodes"):
-        tracking.require_shared_store("sqlite:///x/m.db", "/x")
+        tracking_store.require_shared_store("sqlite:///x/m.db", "/x")
     with pytest.raises(ValueError, match="HEAD_IP:5000"):
-        tracking.for_every_node("/x/mlruns", "/x")
-    assert tracking.require_shared_store("http://10.0.0.1:5000", "/x") == "http://10.0.0.1:5000"
-    monkeypatch.setattr(tracking, "ray_nodes", lambda: 1)
-    assert tracking.require_shared_store("sqlite:///x/m.db", "/x") == "sqlite:///x/m.db"
-    assert tracking.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"   # no RAY_ADDRESS
+        tracking_store.for_every_node("/x/mlruns", "/x")
+    assert tracking_store.require_shared_store("http://10.0.0.1:5000", "/x") == "http://10.0.0.1:5000"
+    monkeypatch.setattr(tracking_store, "ray_nodes", lambda: 1)
+    assert tracking_store.require_shared_store("sqlite:///x/m.db", "/x") == "sqlite:///x/m.db"
+    assert tracking_store.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"   # no RAY_ADDRESS
 
 
 def test_a_loopback_server_is_handed_to_other_nodes_only_where_it_answers(mlflow_server, ray_local, monkeypatch,
                                                                           caplog):
     uri = mlflow_server[1]   # listens on 127.0.0.1 only, as `mlflow server` does by default
     port = uri.rsplit(":", 1)[1]
-    assert tracking.shared_server(uri, "127.0.0.1", nodes=3) == uri   # answers there
+    assert tracking_store.shared_server(uri, "127.0.0.1", nodes=3) == uri   # answers there
     # 127.0.0.2 stands in for the head's IP: the server does not listen on it, so a rank elsewhere would lose
     # every metric. Refused on several nodes, with the fix; kept (warned) on one.
     with pytest.raises(ValueError, match=rf"does not answer at http://127.0.0.2:{port}, where ranks on other nodes "
                                          r"reach it \(.*\); start it with `--host 0.0.0.0 --allowed-hosts 127.0.0.2"):
-        tracking.shared_server(uri, "127.0.0.2", nodes=3)
-    with caplog.at_level("WARNING", logger="pipelines.tracking"):
-        assert tracking.shared_server(uri, "127.0.0.2", nodes=1) == uri
+        tracking_store.shared_server(uri, "127.0.0.2", nodes=3)
+    with caplog.at_level("WARNING", logger="pipelines.tracking_store"):
+        assert tracking_store.shared_server(uri, "127.0.0.2", nodes=1) == uri
     assert "this Ray cluster has one node now" in caplog.text
     # This process started its own Ray: no other node will ever join it, so the URI is left as it is, even with
     # RAY_ADDRESS set (the autoscaling test runs the case of a joined cluster).
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
-    assert not tracking.joined_cluster() and tracking.driver_node_runs_tasks()   # its 4 CPUs
-    assert tracking.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"
+    assert not tracking_store.joined_cluster() and tracking_store.driver_node_runs_tasks()   # its 4 CPUs
+    assert tracking_store.for_every_node("http://127.0.0.1:5000", "/x") == "http://127.0.0.1:5000"
 
 
 def test_ingest_and_caption_are_mlflow_runs(ray_local, no_tracking_env, tmp_path):

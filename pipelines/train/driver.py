@@ -19,7 +19,8 @@ from pipelines import cli, data, lineage, registry, storage
 from pipelines.estimate import log_plan
 from pipelines.resources import Stage, training_request
 from pipelines.tracking import flatten as tracking_flatten
-from pipelines.tracking import for_every_node, open_sink
+from pipelines.tracking import open_sink
+from pipelines.tracking_store import for_every_node
 from pipelines.train.checkpoint import (HISTORY_FILE, RUN_NAME, STOP_FILE, latest_checkpoint, read_history,
                                         read_trainer_state)
 from pipelines.train.export import EXPORT_DIR, HF_DIR
