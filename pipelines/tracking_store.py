@@ -64,11 +64,13 @@ def for_every_node(uri: str, output_root: str | None) -> str:
     answer there (`shared_server`); an autoscaling cluster may have no other node yet, so the count of nodes now
     does not decide it. A local file store is refused on several nodes (`require_shared_store`), and where this
     node runs no tasks (a joined cluster's CPU-less head: every rank starts elsewhere)."""
-    if LOOPBACK.match(uri) and joined_cluster():
+    if not joined_cluster():
+        return require_shared_store(uri, output_root)
+    if LOOPBACK.match(uri):
         import ray.util
 
         return shared_server(uri, ray.util.get_node_ip_address(), nodes=ray_nodes())
-    if is_local_store(uri) and joined_cluster() and not driver_node_runs_tasks():
+    if is_local_store(uri) and not driver_node_runs_tasks():
         raise ValueError(f"MLflow tracking store {redact_uri(uri)} is a file on this node, but this node of the Ray "
                          f"cluster runs no tasks (0 CPUs, as the cluster configs' head): the ranks start on other "
                          f"nodes, which would not find it; {FIX}")

@@ -245,36 +245,98 @@ def readme_commands(root: str, images: str) -> list[tuple[str, list[str]]]:
     return commands
 
 
-def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpoint, tmp_path):
+def readme_runtime_env(mlflow_uri: str) -> dict:
+    """cluster/runtime_env.yaml, pointed at this test's MLflow server (`--working-dir .` is on the command line)."""
+    runtime_env = {k: v for k, v in yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text()).items()
+                   if k != "working_dir"}
+    runtime_env["excludes"] += ["/bench/results"]
+    runtime_env["env_vars"] |= {"MLFLOW_TRACKING_URI": mlflow_uri, "TIPSV2_GIT_COMMIT": "test",
+                                # a loaded machine's server answers slowly (tracking.MlflowSink's 10 s, no retry)
+                                "MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+    return runtime_env
+
+
+def run_stages(env: dict, commands: list[tuple[str, list[str]]], runtime_env: dict, run: str, logs_dir: Path) -> dict:
+    """Each command as its own job, in order; each must succeed. Seconds per stage."""
+    seconds = {}
+    for stage, argv in commands:
+        started = time.perf_counter()
+        status, logs = submit(env, argv, runtime_env, f"{stage}-{run}", timeout=1200)
+        seconds[stage] = round(time.perf_counter() - started)
+        (logs_dir / f"{stage}.log").write_text(logs)   # the driver's and (forwarded) every worker's output
+        assert "succeeded" in status, f"{shlex.join(argv)}\n{status}\n{logs[-6000:]}"
+    return seconds
+
+
+def check_autoscaler(autoscaler: Autoscaler, placed: dict, added: list, removed: list, failed: list) -> None:
+    """The autoscaler started what the stages asked for, and removed every worker node once idle."""
+    assert placed == {"caption": "caption_gpu", "pretrain": "train_gpu"}, placed
+    assert {"cpu_worker", "caption_gpu", "train_gpu"} <= set(added), added
+    assert not autoscaler.active(), f"still active after the idle timeout: {autoscaler.active()}"
+    for kind in set(added):
+        assert added.count(kind) - failed.count(kind) == removed.count(kind), (kind, added, failed, removed)
+
+
+def check_s3(endpoint: str, root: str) -> None:
+    """Outputs and checkpoints on S3; MLflow artifacts in S3, through the server."""
+    prefix = root.split(f"{BUCKET}/", 1)[1]
+    keys = set(s3_keys(endpoint, prefix + "/"))
+    for wanted in ("ingest/summary.json", "caption/summary.json", "pretrain/export/model.safetensors",
+                   "distill/export/model.safetensors", "evaluate/summary.json"):
+        assert f"{prefix}/{wanted}" in keys, wanted
+    assert any(k.startswith(f"{prefix}/ingest/images/") and k.endswith(".parquet") for k in keys)
+    assert any(k.startswith(f"{prefix}/pretrain/ray/train/") for k in keys), "no checkpoint on S3"
+    assert not any("mlflow.db" in k or "metrics_offline" in k for k in keys)
+    assert s3_keys(endpoint, "mlflow/"), "no MLflow artifact on S3"
+
+
+def check_runs(mlflow_uri: str, root: str, logs_dir: Path) -> None:
+    """One run per stage on the server, with params, step metrics and artifacts; evaluate's on the distilled model."""
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    stage_of = {r.info.run_id: r.data.tags.get("tipsv2.stage") or r.data.tags.get("tipsv2.job") for r in runs}
+    assert sorted(stage_of.values()) == ["caption", "distill", "evaluate", "ingest", "pretrain"], stage_of
+    for run in runs:
+        stage = stage_of[run.info.run_id]
+        assert run.data.params and run.info.status == "FINISHED", (stage, run.info)
+        assert client.list_artifacts(run.info.run_id), f"{stage}: no artifacts"
+        if stage in ("pretrain", "distill"):   # logged by rank 0, on a train node: the address check
+            assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 2, logs_dir / f"{stage}.log"
+    evaluated = next(r for r in runs if stage_of[r.info.run_id] == "evaluate")
+    assert evaluated.data.params["checkpoint"] == f"{root}/distill/export"
+    assert any(name.startswith("eval/tiny/") for name in evaluated.data.metrics), evaluated.data.metrics
+
+
+def check_working_dirs(temp_dir: str, node_types: set[str]) -> None:
+    """Nothing written to the job's working directory on any node: every file there is one `--working-dir .`
+    packed (what git tracks or would track; Ray honours .gitignore), none new."""
+    packed = packed_files()
+    unpacked = [d for d in Path("/tmp").glob(f"{Path(temp_dir).name}*/session_*/runtime_resources/working_dir_files/"
+                                             "_ray_pkg_*") if d.is_dir()]
+    assert len(unpacked) >= 1 + len(node_types), unpacked   # the head's and every worker node's
+    written = [f"{d}/{rel}" for d in unpacked for p in d.rglob("*") if p.is_file()
+               and "__pycache__" not in p.parts and (rel := str(p.relative_to(d))) not in packed]
+    assert not written, written
+
+
+def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpoint, tmp_path):
     from pipelines import run_all
     from tipsv2.data.synthetic import SyntheticConfig
 
     env, gcs, temp_dir, mlflow_uri = cluster
     autoscaler = Autoscaler(temp_dir)
     run = uuid.uuid4().hex[:6]
-    root, images = f"s3://{BUCKET}/runs/{run}", f"s3://{BUCKET}/images-{run}/"
+    root, source = f"s3://{BUCKET}/runs/{run}", f"s3://{BUCKET}/images-{run}"
     run_all.write_source(run_all.SourceConfig(skimage_samples=False, synthetic=SyntheticConfig(
-        train_size=16, val_size=4, test_size=4)), images.rstrip("/"))   # a user's bucket of images + alt-text
-    images = images.rstrip("/") + "/images/"
-    commands = readme_commands(root, images)
+        train_size=16, val_size=4, test_size=4)), source)   # a user's bucket of images + alt-text
+    commands = readme_commands(root, f"{source}/images/")
     assert [stage for stage, _ in commands] == ["ingest", "caption", "pretrain", "distill", "evaluate"], commands
+    runtime_env = readme_runtime_env(mlflow_uri)
 
-    # cluster/runtime_env.yaml, pointed at this test's MLflow server.
-    runtime_env = {k: v for k, v in yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text()).items()
-                   if k != "working_dir"}   # `--working-dir .` on the command line, as in the README
-    runtime_env["excludes"] += ["/bench/results"]
-    runtime_env["env_vars"] |= {"MLFLOW_TRACKING_URI": mlflow_uri, "TIPSV2_GIT_COMMIT": "test",
-                                # a loaded machine's server answers slowly (tracking.MlflowSink's 10 s, no retry)
-                                "MLFLOW_HTTP_REQUEST_TIMEOUT": "120", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
-    clock, seconds = time.perf_counter(), {}
-    for stage, argv in commands:
-        started = time.perf_counter()
-        status, logs = submit(env, argv, runtime_env, f"{stage}-{run}", timeout=1200)
-        seconds[stage] = round(time.perf_counter() - started)
-        (tmp_path / f"{stage}.log").write_text(logs)   # the driver's and (forwarded) every worker's output
-        assert "succeeded" in status, f"{shlex.join(argv)}\n{status}\n{logs[-6000:]}"
+    clock = time.perf_counter()
+    seconds = run_stages(env, commands, runtime_env, run, tmp_path)
     stages_s = time.perf_counter() - clock
     status, probe_logs = submit(env, ["python", "-c", PROBE], {"excludes": runtime_env["excludes"]},
                                 f"probe-{run}", timeout=300)
@@ -295,51 +357,11 @@ def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpo
     print(f"\nautoscaling test: stage jobs {seconds} ({stages_s:.0f} s), total {total_s:.0f} s; launched {added}, "
           f"removed when idle {removed}, failed to start in time {failed}")
 
-    # The autoscaler started what the stages asked for, and removed every worker node once idle.
-    assert placed == {"caption": "caption_gpu", "pretrain": "train_gpu"}, placed
-    assert {"cpu_worker", "caption_gpu", "train_gpu"} <= set(added), added
-    assert not autoscaler.active(), f"still active after the idle timeout: {autoscaler.active()}"
-    for kind in set(added):
-        assert added.count(kind) - failed.count(kind) == removed.count(kind), (kind, added, failed, removed)
-
-    # Outputs and checkpoints on S3.
-    keys = set(s3_keys(s3_endpoint, root.split(f"{BUCKET}/", 1)[1] + "/"))
-    prefix = root.split(f"{BUCKET}/", 1)[1]
-    for wanted in ("ingest/summary.json", "caption/summary.json", "pretrain/export/model.safetensors",
-                   "distill/export/model.safetensors", "evaluate/summary.json"):
-        assert f"{prefix}/{wanted}" in keys, wanted
-    assert any(k.startswith(f"{prefix}/ingest/images/") and k.endswith(".parquet") for k in keys)
-    assert any(k.startswith(f"{prefix}/pretrain/ray/train/") for k in keys), "no checkpoint on S3"
-    assert not any("mlflow.db" in k or "metrics_offline" in k for k in keys)
-    # MLflow artifacts in S3, through the server.
-    assert s3_keys(s3_endpoint, "mlflow/"), "no MLflow artifact on S3"
-
+    check_autoscaler(autoscaler, placed, added, removed, failed)
+    check_s3(s3_endpoint, root)
     # The server's Host check, as ranks meet it: an address it does not allow is refused at start with the fix.
     with pytest.raises(ValueError, match=r"does not answer at http://127.0.0.2:\d+.*\(Host header refused\)"):
         tracking_store.shared_server(mlflow_uri, "127.0.0.2", nodes=3)
-
-    # One run per stage on the server, with params, step metrics and artifacts; evaluate's on the distilled model.
-    client = MlflowClient(mlflow_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    stage_of = {r.info.run_id: r.data.tags.get("tipsv2.stage") or r.data.tags.get("tipsv2.job") for r in runs}
-    assert sorted(stage_of.values()) == ["caption", "distill", "evaluate", "ingest", "pretrain"], stage_of
-    for run in runs:
-        stage = stage_of[run.info.run_id]
-        assert run.data.params and run.info.status == "FINISHED", (stage, run.info)
-        assert client.list_artifacts(run.info.run_id), f"{stage}: no artifacts"
-        if stage in ("pretrain", "distill"):   # logged by rank 0, on a train node: the address check above
-            assert len(client.get_metric_history(run.info.run_id, "loss/total")) == 2, tmp_path / f"{stage}.log"
-    evaluated = next(r for r in runs if stage_of[r.info.run_id] == "evaluate")
-    assert evaluated.data.params["checkpoint"] == f"{root}/distill/export"
-    assert any(name.startswith("eval/tiny/") for name in evaluated.data.metrics), evaluated.data.metrics
-
-    # Nothing written to the job's working directory on any node: every file there is one `--working-dir .`
-    # packed (what git tracks or would track; Ray honours .gitignore), none new.
-    packed = packed_files()
-    unpacked = [d for d in Path("/tmp").glob(f"{Path(temp_dir).name}*/session_*/runtime_resources/working_dir_files/"
-                                             "_ray_pkg_*") if d.is_dir()]
-    assert len(unpacked) >= 1 + len(set(added)), unpacked   # the head's and every worker node's
-    written = [f"{d}/{rel}" for d in unpacked for p in d.rglob("*") if p.is_file()
-               and "__pycache__" not in p.parts and (rel := str(p.relative_to(d))) not in packed]
-    assert not written, written
+    check_runs(mlflow_uri, root, tmp_path)
+    check_working_dirs(temp_dir, set(added))
     assert total_s < 3000
