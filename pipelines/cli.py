@@ -20,11 +20,14 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import textwrap
 import time
-from typing import Any, Callable, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Protocol, TypeVar
 
-from pipelines import layout, storage, tracking_store
+from pipelines import layout, ray_cluster, storage, tracking_store
+from pipelines.errors import UsageError
 from tipsv2 import config_tree
 
 Cfg = TypeVar("Cfg")
@@ -106,13 +109,14 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
     try:
         if output:
             storage.filesystem(output)   # an unsupported scheme fails here, naming it
+            check_output(output)
         cfg = resolve_config(args.config, presets, args.sets)
         if flags is not None:
             cfg = flags.apply(cfg, args)
         if stage is not None:
             cfg = layout.connect(stage, cfg, output, check=not (args.print_config or args.list_keys))
-        if stage in TRACKED and output and not (args.print_config or args.list_keys):
-            tracking_store.store_uri(getattr(getattr(cfg, "tracking", None), "uri", None), output)   # refused: exit 2
+        if output and not (args.print_config or args.list_keys):
+            check_tracking(cfg, output, stage)   # refused or unreachable: exit 2
     except ValueError as err:
         parser.error(str(err))
     if args.print_config:
@@ -127,6 +131,26 @@ def parse_stage_args(argv: list[str] | None, presets: dict[str, Callable[[], Cfg
     return cfg, output
 
 
+def check_output(output: str) -> None:
+    """UsageError when a local `output` cannot be a directory: it, or the nearest part of it that exists, is a file."""
+    if storage.is_remote(output):
+        return
+    path = Path(output)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output {output}: {existing} is a file, not a directory; expected a directory to write "
+                         "into (it is created if missing)")
+
+
+def check_tracking(cfg: Any, output: str, stage: str | None) -> None:
+    """The stage's MLflow store: refused where a file store would lose runs (stages that always open a run),
+    and an MLflow server that does not answer, before anything starts."""
+    configured = getattr(getattr(cfg, "tracking", None), "uri", None)
+    if stage in TRACKED:
+        tracking_store.store_uri(configured, output)
+    tracking_store.check_answers(configured or os.environ.get("MLFLOW_TRACKING_URI") or "")
+
+
 def print_json(summary: Any, output: str) -> None:
     print(json.dumps(summary, indent=2))
 
@@ -138,10 +162,19 @@ def stage_main(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]], ru
     (`show(summary, output)`; JSON by default, None: nothing) and return it. `stage` names the stage in
     the run root (pipelines.layout)."""
     cfg, output = parse_stage_args(argv, presets, description=description, flags=flags, stage=stage)
-    summary = run(cfg, output)
+    try:
+        summary = run(cfg, output)
+    except UsageError as err:   # wrong input found once the stage looked: one line, exit 2, as argparse does
+        fail(f"python -m pipelines.{stage}" if stage else None, str(err))
     if show is not None:
         show(summary, output)
     return summary
+
+
+def fail(prog: str | None, message: str) -> NoReturn:
+    """A usage error as argparse reports one: `PROG: error: MESSAGE` on stderr, exit status 2."""
+    print(f"{prog or os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def done_record(cfg: Any, **fields: Any) -> dict[str, Any]:
@@ -180,7 +213,8 @@ class Stopwatch:
 
 
 def init_ray(num_cpus: int = 0) -> None:
-    """Join the cluster in RAY_ADDRESS (or the running one); else start a local Ray.
+    """Join the cluster in RAY_ADDRESS, or the one `ray start` recorded, if it answers; else start a local Ray
+    (pipelines.ray_cluster: a dead RAY_ADDRESS is a UsageError, a dead record is reported and passed over).
 
     `num_cpus` > 0 declares that many logical CPUs for a local Ray (vLLM's small stages need more
     slots than a 2-core machine has); it is ignored when joining an existing cluster.
@@ -189,7 +223,8 @@ def init_ray(num_cpus: int = 0) -> None:
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS") or num_cpus <= 0:
-        ray.init()
+    address = ray_cluster.choose()
+    if address is not None:
+        ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus)
+        ray.init(address="local", **({"num_cpus": num_cpus} if num_cpus > 0 else {}))

@@ -1,4 +1,4 @@
-"""Compare MLflow runs: the config fields that differ, final metrics, and overlay plots.
+r"""Compare MLflow runs: the config fields that differ, final metrics, and overlay plots.
 
     python -m pipelines.compare --experiment tipsv2 [--runs ID ...] [--metrics loss/total ...] \
         --output outputs/compare [--tracking-uri http://127.0.0.1:5000]
@@ -143,7 +143,8 @@ def run(*, experiment: str | None, output: str, run_ids: list[str] | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pipelines.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default=None, help="required unless --models is given")
     parser.add_argument("--runs", nargs="*", default=None, help="run ids (default: every run of the experiment)")
     parser.add_argument("--metrics", nargs="*", default=None, help=f"default: those of {DEFAULT_METRICS} logged")

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import cli, storage
+from pipelines.errors import UsageError
 from pipelines.lineage import Kind
 from pipelines.ingest_read import (IMAGE_SUFFIXES, RGB_CONVERTIBLE_MODES, SIDECAR_SUFFIXES, BadImage, Decoded, Decoder,
                                    Reason, decode_image, image_id)
@@ -107,7 +108,7 @@ def list_manifest(source: str) -> list[dict[str, Any]]:
         with fs.open_input_stream(path) as stream:
             table = pajson.read_json(io.BytesIO(stream.read()))
     if "path" not in table.column_names:
-        raise ValueError(f"manifest {source!r} has columns {table.column_names}; expected 'path' (+ 'alt_text')")
+        raise UsageError(f"manifest {source!r} has columns {table.column_names}; expected 'path' (+ 'alt_text')")
     base = source.rsplit("/", 1)[0] if "/" in source else "."
     alt = table.column("alt_text").to_pylist() if "alt_text" in table.column_names else [None] * table.num_rows
     items = []
@@ -193,12 +194,13 @@ def run(cfg: IngestConfig, output: str) -> dict[str, Any]:
     previous = cli.done_before(storage.join(output, cli.SUMMARY_FILE), cfg)
     if previous is not None and previous.get("stage") == "ingest":
         return {**previous, "skipped": True}
-    cli.init_ray()
     phases = Phases()   # seconds per phase: where an ingest's time goes (bench/caption.py reports them)
     items, ignored = list_items(cfg)
-    if not items:
-        raise ValueError(f"no images, tar shards or manifest rows found under {cfg.source!r}")
+    if not items:   # before Ray starts: nothing to do is a usage error, found in a second
+        raise UsageError(f"source={cfg.source!r}: no images, tar shards or manifest rows found there "
+                         f"({ignored} other files); expected image files, .tar shards or a Parquet/JSONL manifest")
     phases.lap("list")
+    cli.init_ray()
     ds = ray.data.from_items(items, override_num_blocks=_ray_blocks(len(items), cfg.read_blocks))
     decoded = ds.flat_map(Decoder(max_pixels=cfg.max_pixels, allowed_modes=cfg.allowed_modes),
                           num_cpus=cfg.num_cpus_per_task).materialize()

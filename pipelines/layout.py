@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 from pipelines import storage
+from pipelines.errors import UsageError
 from tipsv2 import config_tree
 
 STAGES = ("ingest", "caption", "pretrain", "distill", "evaluate")
@@ -49,7 +50,7 @@ INPUTS: dict[str, tuple[Input, ...]] = {
 REQUIRED = {"ingest": ("source",), "caption": ("input",), "distill": ("teacher",), "evaluate": ("checkpoint",)}
 
 
-class MissingInput(ValueError):
+class MissingInput(UsageError):
     """A stage's input is not there: the message names the key, the value and what to run first."""
 
 
@@ -127,3 +128,27 @@ def check_inputs(stage: str, cfg: Any, *, filled: set[str] = frozenset()) -> Non
             if not storage.exists(part):
                 raise MissingInput(f"{stage}: {key}={value!r}: {part} does not exist; expected an existing local "
                                    "path or s3:// / gs:// URI")
+    for key in sorted((keys - filled) & MODEL_KEYS):   # set by the user (the run root's exports are a stage's)
+        if value := get(cfg, key):
+            check_model(stage, key, str(value))
+
+
+MODEL_KEYS = {"checkpoint", "teacher", "student_init"}   # DIR (an export), hf:DIR or VISION.npz[,TEXT.npz]
+MODEL_FORMS = ("an export directory (OUTPUT/export of pipelines.pretrain or distill), hf:DIR (a transformers "
+               "Tipsv2Model directory) or VISION.npz[,TEXT.npz] (released weights)")
+
+
+def check_model(stage: str, key: str, value: str) -> None:
+    """MissingInput when a model input that exists is not a model: a directory without the files its form
+    needs (found before any model code opens it)."""
+    if value.startswith("models:") or value.endswith(".npz") or "," in value:
+        return   # a registry version (resolved by MLflow), or released files (their existence is checked above)
+    directory = value.removeprefix("hf:")
+    needed = ("config.json", "model.safetensors") if value.startswith("hf:") else ("model.safetensors",)
+    missing = [name for name in needed if not storage.exists(storage.join(directory, name))]
+    if missing:
+        raise MissingInput(f"{stage}: {key}={value!r} is not a model: no {' or '.join(missing)} in {directory}; "
+                           f"expected {MODEL_FORMS}")
+    config = storage.join(directory, "config.json")
+    if not value.startswith("hf:") and storage.exists(config) and "model_type" in storage.read_json(config):
+        raise MissingInput(f"{stage}: {key}={value!r} is a Hugging Face directory: pass it as hf:{value}")

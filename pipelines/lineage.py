@@ -32,8 +32,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.errors import UsageError
 from pipelines.tracking import MetricsSink
 from tipsv2.configs import CaptionChange
 from tipsv2.data.schema import Granularity, caption_column
@@ -114,18 +117,37 @@ def describe(uri: str, kind: Kind) -> ParquetSet:
     return read(uri, kind)[0]
 
 
+def unreadable(fs, path: str, uri: str, kind: Kind, err: Exception) -> str:
+    """Why the Parquet set at `uri` cannot be read, naming its first file that is not Parquet. A training set
+    is read whole, its digest over every row: a corrupt file stops the run rather than being skipped, which
+    would train on, and record, other data than the set named."""
+    info = fs.get_file_info(path)
+    files = [f.path for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+             if f.is_file and not f.base_name.startswith(("_", "."))] if info.type == pafs.FileType.Directory else [path]
+    for file in sorted(files):
+        try:
+            pq.read_metadata(file, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as bad:
+            return (f"{kind.value} Parquet {uri!r}: {storage.to_uri(fs, file)} is not a Parquet file ({bad}); "
+                    f"expected the {kind.value} Parquet a pipelines stage writes: remove or replace that file")
+    return f"{kind.value} Parquet {uri!r} cannot be read ({type(err).__name__}: {err})"
+
+
 def read(uri: str, kind: Kind) -> tuple[ParquetSet, pa.Table]:
     """`describe(uri, kind)` and the columns it read (CONTENT[kind] present, and captions' provenance), for a
     caller that needs those rows too (the trainer's texts): one read of the set, not two."""
     fs, path = storage.filesystem(uri)
     if fs.get_file_info(path).type.name == "NotFound":
-        raise ValueError(f"no {kind.value} Parquet at {uri!r}")
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    if "id" not in dataset.schema.names:
-        raise ValueError(f"{kind.value} Parquet {uri!r} has no id column; found {dataset.schema.names}")
-    wanted = [c for c in CONTENT[kind] if c in dataset.schema.names]
-    has_provenance = kind == Kind.CAPTIONS and "provenance" in dataset.schema.names
-    table = dataset.to_table(columns=wanted + (["provenance"] if has_provenance else []))
+        raise UsageError(f"no {kind.value} Parquet at {uri!r}")
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        if "id" not in dataset.schema.names:
+            raise UsageError(f"{kind.value} Parquet {uri!r} has no id column; found {dataset.schema.names}")
+        wanted = [c for c in CONTENT[kind] if c in dataset.schema.names]
+        has_provenance = kind == Kind.CAPTIONS and "provenance" in dataset.schema.names
+        table = dataset.to_table(columns=wanted + (["provenance"] if has_provenance else []))
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UsageError(unreadable(fs, path, uri, kind, err)) from None
     sizes = {info.path: info.size for info in fs.get_file_info(dataset.files)}
     files = [{"path": storage.to_uri(fs, fragment.path), "bytes": sizes[fragment.path],
               "rows": fragment.metadata.num_rows} for fragment in dataset.get_fragments()]

@@ -1,4 +1,4 @@
-"""Know before you submit: nodes, GPU-hours, wall time, cost and GPU memory of a run, stage by stage.
+r"""Know before you submit: nodes, GPU-hours, wall time, cost and GPU memory of a run, stage by stage.
 
     python -m pipelines.plan --config vit_b14 --cluster cluster/aws.yaml --images 100000000
     python -m pipelines.plan --config vit_l14 --cluster cluster/gcp.yaml --images 1e8 --stage pretrain \
@@ -286,7 +286,8 @@ def to_json(plans: list[StagePlan], cluster: Cluster, assume: Assumptions, image
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pipelines.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help=f"training preset {sorted(PRESETS)}")
     parser.add_argument("--cluster", required=True, help="Ray cluster launcher YAML (cluster/aws.yaml, cluster/gcp.yaml)")
     parser.add_argument("--images", required=True, type=float, help="images in the dataset (1e8 is fine)")

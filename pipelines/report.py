@@ -146,7 +146,8 @@ def build_report(output: str, tracking_uri: str | None = None) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m pipelines.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", required=True, help="the run_all output root")
     args = parser.parse_args(argv)
     print(json.dumps(build_report(args.root), indent=2))

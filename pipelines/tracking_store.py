@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from pipelines.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 REDACTED = "***"
@@ -111,6 +113,18 @@ def shared_server(uri: str, node_ip: str, *, nodes: int) -> str:
         raise ValueError(message)
     log.warning("%s; this Ray cluster has one node now, so runs log to %s", message, redact_uri(uri))
     return uri
+
+
+def check_answers(uri: str, timeout_s: float = 5) -> None:
+    """UsageError when `uri` names an MLflow server (http, https) that does not answer: every run and metric of
+    the stage would be lost, or the stage would fail later with a traceback."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    problem = _refusal(uri, timeout_s)
+    if problem is not None:
+        raise UsageError(f"MLflow tracking URI {redact_uri(uri)} does not answer ({problem}); start the server "
+                         "(`mlflow server --backend-store-uri sqlite:///PATH/mlflow.db --host 127.0.0.1 --port 5000`), "
+                         "or leave tracking.uri and MLFLOW_TRACKING_URI unset to log to a sqlite file under --output")
 
 
 def _refusal(uri: str, timeout_s: float = 10) -> str | None:

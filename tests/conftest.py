@@ -3,8 +3,44 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
+
+# ---------------------------------------------------------------- a fresh machine, every run
+# The suite never reads or writes the user's home, Ray's default temp dir (/tmp/ray: its ray_current_cluster
+# record) or any cache: each run sees a machine as CI's fresh one is, so state an earlier run left (a Ray
+# token in ~/.ray hid a failure once) can neither hide a failure nor be changed by a test. Everything lives
+# under FRESH, removed at the end. Short path: Ray's socket paths under its temp dir must fit in 107 bytes.
+FRESH = Path(tempfile.mkdtemp(prefix="tt", dir="/tmp"))
+USER_STATE = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
+              "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "HF_HOME", "HF_HUB_CACHE",
+              "TRANSFORMERS_CACHE", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
+              "XDG_DATA_HOME", "MPLCONFIGDIR")
+
+
+def fresh_machine(root: Path) -> dict[str, str]:
+    """The environment of a fresh machine under `root`: an empty home, Ray's temp dir and an auth token of
+    this run (through Ray's documented RAY_AUTH_TOKEN_PATH; `ray start --head` under token auth refuses to
+    start without one, and a local `ray.init()` would otherwise write ~/.ray/auth_token)."""
+    home = root / "home"
+    home.mkdir()
+    token = root / "ray_auth_token"
+    token.write_text(secrets.token_hex(32))
+    return {"HOME": str(home), "RAY_TMPDIR": str(root), "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+for _name in USER_STATE:
+    os.environ.pop(_name, None)
+os.environ.update(fresh_machine(FRESH))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(FRESH, ignore_errors=True)
+
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
