@@ -14,11 +14,14 @@ needs polars, not a dependency.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.errors import UsageError
 from tipsv2.data.schema import Granularity, caption_column
 from tipsv2.data.synthetic import Split, write_parquet
 from tipsv2.loop import Record
@@ -80,32 +83,61 @@ def _columns(uri: str, read: dict[str, pa.Table] | None = None) -> list[str]:
 
 def read_texts(source: Source, read: dict[str, pa.Table] | None = None) -> pa.Table:
     """(id, alt_text, caption_*) for every image id, sorted by id; captions null where none was written.
+    UsageError when the sets cannot train (check_texts).
 
     `read`: tables already read by URI (`pipelines.lineage.read_source`, whose columns include these); a set
     found there is not read again."""
     images = _read(source.images, ["id", "alt_text"], read)
     if images.num_rows == 0:
-        raise ValueError(f"image Parquet {source.images!r} has no rows")
+        raise UsageError(f"image Parquet {source.images!r} has no rows")
     ids = images.column("id").to_pylist()
     if len(set(ids)) != len(ids):
-        raise ValueError(f"image Parquet {source.images!r} repeats ids; run pipelines.ingest (it deduplicates)")
+        raise UsageError(f"image Parquet {source.images!r} repeats ids; run pipelines.ingest (it deduplicates)")
+    captions = None
     if source.captions is None:
         texts = images.append_column("caption_short", pa.nulls(images.num_rows, pa.string()))
     else:
         names = _columns(source.captions, read)
         present = [c for c in CAPTION_COLUMNS if c in names]
         if "id" not in names or not present:
-            raise ValueError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS}; "
+            raise UsageError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS}; "
                              f"found {names}")
         captions = _read(source.captions, ["id", *present], read)
         if captions.num_rows != len(set(captions.column("id").to_pylist())):
-            raise ValueError(f"caption Parquet {source.captions!r} repeats ids; expected one row per image id "
+            raise UsageError(f"caption Parquet {source.captions!r} repeats ids; expected one row per image id "
                              "(pipelines.caption compacts its output to exactly one)")
         texts = images.join(captions, keys="id", join_type="left outer")
     for column in CAPTION_COLUMNS:
         if column not in texts.column_names:
             texts = texts.append_column(column, pa.nulls(texts.num_rows, pa.string()))
-    return texts.select(["id", "alt_text", *CAPTION_COLUMNS]).sort_by("id")
+    texts = texts.select(["id", "alt_text", *CAPTION_COLUMNS]).sort_by("id")
+    check_texts(texts, source, captions)
+    return texts
+
+
+def has_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Per row: a text that is not null, empty or whitespace (what tipsv2.data.captions counts as present)."""
+    return pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(column), ""), False)
+
+
+def check_texts(texts: pa.Table, source: Source, captions: pa.Table | None) -> None:
+    """UsageError when the texts cannot train as the user meant: a caption set that names none of the images (CLS2
+    would silently train on alt-text), one whose every caption is empty, or no text at all on any row."""
+    captioned = functools.reduce(pc.or_, [has_text(texts[c]) for c in CAPTION_COLUMNS])
+    if captions is not None and captions.num_rows:
+        matched = pc.sum(pc.is_in(texts["id"], value_set=captions["id"])).as_py() or 0
+        if matched == 0:
+            raise UsageError(
+                f"caption Parquet {source.captions!r} ({captions.num_rows} rows) shares no id with image Parquet "
+                f"{source.images!r} (caption ids such as {captions['id'][0].as_py()!r}, image ids such as "
+                f"{texts['id'][0].as_py()!r}); expected the captions pipelines.caption wrote for these images")
+        if not pc.any(captioned).as_py():
+            raise UsageError(f"caption Parquet {source.captions!r}: every caption of the {matched} images it names "
+                             "is empty; CLS2 would train on alt-text only. Recaption (pipelines.caption), or train "
+                             "without it (data.captions_uri unset)")
+    if not pc.any(pc.or_(captioned, has_text(texts["alt_text"]))).as_py():
+        raise UsageError(f"no image of {source.images!r} has an alt-text or a caption: nothing to train the text "
+                         "tower on; expected alt_text in the images or a caption Parquet (data.captions_uri)")
 
 
 def captions_of(row: dict) -> dict[Granularity, str | None]:

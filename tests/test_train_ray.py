@@ -116,3 +116,23 @@ def test_export_parts_are_the_teacher_heads_when_pretraining(train_cfg):
     model, dino, patch, head_cfg = Job.PRETRAIN.train.export_parts(task, cfg)
     assert model is task.model and dino is task.teacher_dino_head and patch is task.teacher_patch_head
     assert head_cfg == cfg.task.head
+
+
+PER_EXAMPLE = ("task.dino.centering=center", "task.dino.center_momentum=1.0", "task.patch.centering=center",
+               "task.patch.center_momentum=1.0", "task.model.vision.drop_path=0.0")
+
+
+def test_accumulation_keeps_the_loops_contrastive_batch_and_resumes(ray_local, train_cfg, tmp_path):
+    """grad_accum 2 x batch 2 on 2 workers (feature-cached accumulation, pipelines.train.accumulate) trains as the
+    loop's batch of 8: the contrastive loss sees all 8 pairs of each step. Every other term is made per example
+    (centers fixed, no drop path) so that the split changes nothing else. A worker killed at step 3 resumes from
+    the step-2 checkpoint at the right micro-batch, with the same losses."""
+    from pipelines import storage
+    from pipelines.train import InjectedFaults
+
+    run(Job.PRETRAIN, train_cfg("data.batch_size=8", "engine.workers=1", *PER_EXAMPLE), str(tmp_path / "loop"),
+        local=True)
+    cfg = train_cfg("data.batch_size=2", "engine.grad_accum=2", "engine.max_failures=1", *PER_EXAMPLE)
+    summary = run(Job.PRETRAIN, cfg, str(tmp_path / "ray"), faults=InjectedFaults(fail_at_step=3))
+    assert summary["complete"] and storage.exists(str(tmp_path / "ray" / "_failed_once_at_3"))
+    assert_same_losses(read_history(str(tmp_path / "ray")), read_history(str(tmp_path / "loop")))

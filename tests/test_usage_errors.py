@@ -254,3 +254,52 @@ def test_plan_help_shows_the_second_example_on_two_lines():
     second = next(i for i, line in enumerate(lines) if "--config vit_l14" in line)
     assert lines[second].rstrip().endswith("--stage pretrain \\")
     assert lines[second + 1].strip() == "--set engine.zero_stage=3 --set assume.mfu=0.35 --json"
+
+
+# ---------------------------------------------------------------- what else a user hits: captions that cannot train
+
+
+def write_sets(tmp_path: Path, *, image_ids, alt_texts, caption_ids=None, captions=None):
+    from pipelines.data import Source
+
+    images = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"id": image_ids, "image": [b"x"] * len(image_ids),
+                             "alt_text": pa.array(alt_texts, pa.string())}), images)
+    if caption_ids is None:
+        return Source(images=str(images), captions=None)
+    uri = tmp_path / "captions.parquet"
+    pq.write_table(pa.table({"id": caption_ids, "caption_short": pa.array(captions, pa.string())}), uri)
+    return Source(images=str(images), captions=str(uri))
+
+
+def test_caption_ids_that_match_no_image_are_refused(tmp_path):
+    from pipelines.data import read_texts
+
+    source = write_sets(tmp_path, image_ids=["a", "b"], alt_texts=["x", "y"], caption_ids=["A", "B"],
+                        captions=["c1", "c2"])
+    with pytest.raises(UsageError, match=r"\(2 rows\) shares no id with image Parquet .*caption ids such as 'A', "
+                                         r"image ids such as 'a'"):
+        read_texts(source)
+    partial = write_sets(tmp_path, image_ids=["a", "b"], alt_texts=["x", "y"], caption_ids=["a", "B"],
+                         captions=["c1", "c2"])
+    assert read_texts(partial).column("caption_short").to_pylist() == ["c1", None]   # a partial match trains
+
+
+def test_empty_captions_on_every_row_are_refused(tmp_path):
+    from pipelines.data import read_texts
+
+    source = write_sets(tmp_path, image_ids=["a", "b"], alt_texts=["x", "y"], caption_ids=["a", "b"],
+                        captions=["", "  "])
+    with pytest.raises(UsageError, match="every caption of the 2 images it names is empty"):
+        read_texts(source)
+    nothing = write_sets(tmp_path, image_ids=["a", "b"], alt_texts=[None, " "])
+    with pytest.raises(UsageError, match="has an alt-text or a caption"):
+        read_texts(nothing)
+
+
+def test_a_caption_set_of_other_images_stops_pretrain_in_one_line(tmp_path, capsys):
+    source = write_sets(tmp_path, image_ids=["a", "b"], alt_texts=["x", "y"], caption_ids=["A", "B"],
+                        captions=["c1", "c2"])
+    line = usage_error(pretrain.main, ["--config", "tiny", "--set", f"data.images={source.images}", "--set",
+                                       f"data.captions_uri={source.captions}", "--output", str(tmp_path / "pt")], capsys)
+    assert "shares no id with image Parquet" in line

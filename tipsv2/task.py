@@ -18,6 +18,16 @@ the global crop, one with gradient on the clean crop (contrastive loss; its deta
 the EMA heads are the teacher targets, since the teacher encoder *is* the student's) and one on the
 masked crop (iBOT++), plus one on the local crops (DINO). Full EMA adds the EMA encoder's pass. The
 clean pass runs without drop path: teacher targets never depend on it (DINOv2's teacher has none).
+
+Accumulation keeps the contrastive batch of the whole optimiser step (feature caching: GradCache, Gao et al.
+2021; open_clip's `--accum-freq`). For an optimiser step of k micro-batches:
+    embedded = [task(batch_i, step, embed=True) for each i]                # no graph: (B, D) embeddings
+    cached   = cache_contrastive(embedded, cfg=..., gather=..., rank=...) # the loss over all k*B (x ranks) pairs,
+                                                                          # its gradient w.r.t. each embedding
+    task(batch_i, step, cached.part(i))   # each micro-batch re-run with graph: its slice of that gradient,
+                                          # plus its own DINO, iBOT++ and KoLeo terms
+The gradients equal those of one step on the k micro-batches together, wherever the other terms are
+per-example (they stay per micro-batch: centering, Sinkhorn-Knopp and KoLeo see the micro-batch).
 """
 
 from __future__ import annotations
@@ -105,6 +115,65 @@ class StudentOut:
     local_logits: Tensor   # (M, B, K) DINO head on the local crops' CLS
     patch_logits: Tensor   # (B, N, K) patch head on the masked global crop
     clean: ImageFeatures | None = None  # the clean global crop's features, with gradient (ContrastiveView.CLEAN)
+
+
+EMBEDDINGS = ("cls1", "cls2", "alt_text", "synthetic_text")   # what the contrastive loss sees, each (B, D)
+SCALARS = ("temperature", "bias")                              # its learned scalars (bias: SIGMOID only)
+
+
+@dataclass
+class ContrastivePart:
+    """One micro-batch's share of a step's cached contrastive loss (`CachedContrastive.part`)."""
+    losses: dict[str, Tensor]      # loss/clip_alt, loss/clip_syn, loss/contrastive of the whole step, detached
+    grads: dict[str, Tensor]       # d(weight * loss/contrastive) / d(this micro-batch's embeddings), (B, D) each
+    scalar_grads: dict[str, Tensor]  # d(weight * loss/contrastive) / d(temperature, bias), 0-dim each
+    parts: int                     # micro-batches in the step
+    weight: float                  # of loss/contrastive in the total
+
+    def term(self, embeddings: dict[str, Tensor], scalars: dict[str, Tensor | None]) -> Tensor:
+        """The contrastive term of this micro-batch's total. Its value is the step's weighted loss; its gradient
+        is `parts` x this slice's share: the engine divides each micro-batch's loss by `parts` (DeepSpeed's
+        gradient_accumulation_steps), so the k micro-batches add up to the gradient of the step's loss. The
+        scalars' gradient is split evenly over the micro-batches."""
+        share = sum((self.grads[k].to(embeddings[k].dtype) * embeddings[k]).sum() for k in EMBEDDINGS)
+        share = share + sum(self.scalar_grads[k] * scalars[k] / self.parts for k in self.scalar_grads)
+        value = self.weight * self.losses["loss/contrastive"]
+        return self.parts * (share - share.detach()) + value
+
+
+@dataclass
+class CachedContrastive:
+    """A step's contrastive loss over every micro-batch and rank, from embeddings cached without graph, and its
+    gradient w.r.t. each of them and the learned scalars."""
+    losses: dict[str, Tensor]
+    grads: list[dict[str, Tensor]]   # one per micro-batch, in order
+    scalar_grads: dict[str, Tensor]
+    weight: float
+
+    def part(self, i: int) -> ContrastivePart:
+        return ContrastivePart(losses=self.losses, grads=self.grads[i], scalar_grads=self.scalar_grads,
+                               parts=len(self.grads), weight=self.weight)
+
+
+def cache_contrastive(embedded: list[dict[str, Tensor]], *, cfg: ContrastiveLossConfig, gather: Gather = identity,
+                      rank: int = 0) -> CachedContrastive:
+    """The dual contrastive loss over the concatenated micro-batches of one step (each `embedded[i]`: the
+    EMBEDDINGS of micro-batch i and the SCALARS, as `TIPSv2Task.embed` returns them), and its gradient w.r.t.
+    every embedding and scalar. `gather` spans the ranks as in the unaccumulated loss: every rank calls this
+    at the same point (the gather's backward is a collective)."""
+    sizes = [e["cls1"].shape[0] for e in embedded]
+    leaves = {k: torch.cat([e[k] for e in embedded]).detach().requires_grad_() for k in EMBEDDINGS}
+    scalars = {k: embedded[0][k].detach().clone().requires_grad_() for k in SCALARS
+               if embedded[0].get(k) is not None}
+    with torch.enable_grad():
+        losses = dual_contrastive(**leaves, cfg=cfg, temperature=scalars["temperature"], bias=scalars.get("bias"),
+                                  gather=gather, rank=rank)
+        grads = torch.autograd.grad(cfg.weight * losses["loss/contrastive"], [*leaves.values(), *scalars.values()])
+    by_name = dict(zip([*leaves, *scalars], grads))
+    split = {k: by_name[k].split(sizes) for k in EMBEDDINGS}
+    return CachedContrastive(losses={k: v.detach() for k, v in losses.items()},
+                             grads=[{k: split[k][i] for k in EMBEDDINGS} for i in range(len(sizes))],
+                             scalar_grads={k: by_name[k] for k in scalars}, weight=cfg.weight)
 
 
 def ema_momentum(step: int, total_steps: int, cfg: TeacherConfig) -> float:
@@ -209,21 +278,28 @@ class TIPSv2Task(nn.Module):
             clean=clean,
         )
 
-    def compute_losses(self, *, teacher: TeacherOut, student: StudentOut, batch: Batch, step: int) -> dict[str, Tensor]:
+    def compute_losses(self, *, teacher: TeacherOut, student: StudentOut, batch: Batch, step: int,
+                       contrastive: ContrastivePart | None = None) -> dict[str, Tensor]:
         cfg = self.cfg
         temperature = self.model.temperature
-        # CLS1 <-> alt-text and CLS2 <-> sampled synthetic caption, averaged (dual embedding).
-        losses = dual_contrastive(cls1=student.cls1, alt_text=student.alt_text, cls2=student.cls2,
-                                  synthetic_text=student.synthetic_text, cfg=cfg.contrastive,
-                                  temperature=temperature, bias=getattr(self, "sigmoid_bias", None),
-                                  gather=self.gather, rank=self.rank)
+        bias = getattr(self, "sigmoid_bias", None)
+        if contrastive is None:
+            # CLS1 <-> alt-text and CLS2 <-> sampled synthetic caption, averaged (dual embedding).
+            losses = dual_contrastive(cls1=student.cls1, alt_text=student.alt_text, cls2=student.cls2,
+                                      synthetic_text=student.synthetic_text, cfg=cfg.contrastive,
+                                      temperature=temperature, bias=bias, gather=self.gather, rank=self.rank)
+            contrastive_term = cfg.contrastive.weight * losses["loss/contrastive"]
+        else:
+            # The same, over the whole accumulated step (cache_contrastive): this micro-batch's slice of it.
+            losses = dict(contrastive.losses)
+            contrastive_term = contrastive.term({k: getattr(student, k) for k in EMBEDDINGS},
+                                                {"temperature": temperature, "bias": bias})
         # DINO: the teacher's clean global crop against each of the student's local crops.
         losses["loss/dino"] = dino_loss(student.local_logits, teacher.dino_probs, cfg.dino.student_temp)
         # iBOT++ (or iBOT): patch tokens of the masked student crop against the teacher at each position.
         losses["loss/patch"] = patch_loss(student.patch_logits, teacher.patch_probs, batch.masks,
                                           kind=cfg.patch.kind, student_temp=cfg.patch.student_temp)
-        total = (cfg.contrastive.weight * losses["loss/contrastive"] + cfg.dino.weight * losses["loss/dino"]
-                 + cfg.patch.weight * losses["loss/patch"])
+        total = contrastive_term + cfg.dino.weight * losses["loss/dino"] + cfg.patch.weight * losses["loss/patch"]
         if cfg.koleo.weight > 0:
             # KoLeo spreads the student's CLS embeddings within the local batch.
             losses["loss/koleo"] = koleo_loss(pick_cls_tensor(student, cfg.dino.cls))
@@ -245,10 +321,29 @@ class TIPSv2Task(nn.Module):
         follow_center(self.dino_center, teacher.dino_logits, self.cfg.dino, self.reduce_mean)
         follow_center(self.patch_center, teacher.patch_logits, self.cfg.patch, self.reduce_mean)
 
-    def forward(self, batch: Batch, step: int) -> dict[str, Tensor]:
+    @torch.no_grad()
+    def embed(self, batch: Batch) -> dict[str, Tensor]:
+        """The contrastive loss's inputs for one micro-batch, without graph (the first pass of an accumulated
+        step): EMBEDDINGS, each (B, D), and SCALARS. The same computation as the student's, which consumes no
+        random numbers on the clean crop (no drop path), so the re-run with graph matches it exactly."""
+        if self.cfg.contrastive_view != ContrastiveView.CLEAN:
+            raise ValueError("feature-cached accumulation (engine.grad_accum > 1) needs contrastive_view=clean: the "
+                             "masked view's drop path would differ between the cached pass and its re-run")
+        clean = self.model.encode_image(batch.global_crop, stochastic_depth=False)
+        return {"cls1": clean.cls1, "cls2": clean.cls2,
+                "alt_text": self.model.encode_text(batch.alt_ids, batch.alt_paddings),
+                "synthetic_text": self.model.encode_text(batch.syn_ids, batch.syn_paddings),
+                "temperature": self.model.temperature, "bias": getattr(self, "sigmoid_bias", None)}
+
+    def forward(self, batch: Batch, step: int, contrastive: ContrastivePart | None = None, *,
+                embed: bool = False) -> dict[str, Tensor]:
+        """The step's named losses (with `contrastive`, one micro-batch of an accumulated step); with `embed`,
+        `self.embed(batch)` instead: through forward, so that a ZeRO-3 engine gathers the parameters."""
+        if embed:
+            return self.embed(batch)
         student = self.student_output(batch=batch)
         teacher = self.teacher_output(batch=batch, step=step, clean=student.clean)
-        losses = self.compute_losses(teacher=teacher, student=student, batch=batch, step=step)
+        losses = self.compute_losses(teacher=teacher, student=student, batch=batch, step=step, contrastive=contrastive)
         self.update_centers(teacher)
         return losses
 

@@ -37,6 +37,7 @@ OnStep = Callable[[int, dict[str, float]], None]
 class TrainJob(Protocol):
     """What differs between pretraining and distillation."""
     masked: bool                       # the student sees masked global crops
+    caches_contrastive: bool           # accumulation keeps the step's contrastive batch (pipelines.train.accumulate)
 
     def build_task(self, cfg: Any, *, rank: int = 0, **collectives) -> Steppable:
         """The module DeepSpeed wraps, seeded by cfg.seed; `collectives`: gather, reduce_mean, reduce_sum."""
@@ -66,6 +67,7 @@ def load_teacher(spec: str | None) -> tuple[TIPSModel, DinoHead | None, DinoHead
 class PretrainJob:
     """TIPSv2 pretraining: the EMA teacher's heads are exported with the model."""
     masked = True
+    caches_contrastive = True
 
     def build_task(self, cfg: PretrainJobConfig, *, rank: int = 0, **collectives) -> Steppable:
         return build_pretrain_task(cfg, init=load_model(cfg.init) if cfg.init else None, rank=rank, **collectives)
@@ -84,6 +86,7 @@ class PretrainJob:
 class DistillJob:
     """Distillation: a frozen teacher, a student that sees every patch; the student's own heads are exported."""
     masked = False
+    caches_contrastive = False         # its student's clean pass has drop path: a cached pass would need a replay
 
     def _models(self, cfg: DistillJobConfig):
         """(teacher, its heads, student init), loaded before seeding so every path builds the same student."""

@@ -21,6 +21,7 @@ import torch
 from pipelines import storage
 from pipelines.stream import RankStream, StreamSpec
 from pipelines.tracking import MetricsSink, NullSink, open_sink
+from pipelines.train.accumulate import contrastive_parts, optimizer_step
 from pipelines.train.checkpoint import (DS_TAG, STOP_FILE, TEACHER_STATE, TRAINER_STATE, TrainerState,
                                         checkpoint_directory, load_teacher_tensors, rng_state, set_rng_state,
                                         teacher_tensors, write_history)
@@ -32,6 +33,7 @@ from pipelines.train.zero import (Zero, all_gather_cat, all_reduce_mean, all_red
 from tipsv2.configs import Precision, model_config_of
 from tipsv2.flops import flops_per_example, peak_flops
 from tipsv2.loop import NonFiniteLoss, scalars
+from tipsv2.losses.contrastive import identity
 from tipsv2.optim import TowerDepths, learning_rate, param_groups
 from tipsv2.tokenizer import Tokenizer
 
@@ -187,32 +189,43 @@ class Worker:
         return out
 
     def step(self, step: int, stream: RankStream) -> dict[str, float]:
-        """One optimiser step over grad_accum micro-batches: the metrics row. A loss term that is not finite on
-        any rank raises NonFiniteLoss on every rank, before the step is applied."""
+        """One optimiser step over grad_accum micro-batches (pipelines.train.accumulate: the contrastive loss over
+        all of them): the metrics row. A loss term that is not finite on any rank raises NonFiniteLoss on every
+        rank, before the step is applied."""
         cfg = self.cfg
         lr = learning_rate(step, total_steps=cfg.steps, cfg=cfg.optim)
         set_learning_rates(self.optimizer, lr, self.scales)
         start = time.perf_counter()
-        rows, waited = [], 0.0
-        last, held = step + 1 == cfg.steps, []   # on the last step, the tensors held after backward and step
+        batches, waited = [], 0.0
         for _ in range(cfg.engine.grad_accum):
             before = time.perf_counter()
             epoch, batch = next(stream)
             waited += time.perf_counter() - before
-            losses = self.plan.faults.on_losses(step, self.engine(self.to_device(batch), step))
+            batches.append(self.to_device(batch))
+        last, held = step + 1 == cfg.steps, []   # on the last step, the tensors held after backward and step
+        parts = contrastive_parts(self.engine, batches, step=step, rank=self.rank,
+                                  cfg=cfg.task.contrastive if self.plan.job.train.caches_contrastive else None,
+                                  gather=all_gather_cat if self.world > 1 else identity)
+
+        def check(losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            losses = self.plan.faults.on_losses(step, losses)
             bad = self.nonfinite_terms(losses)
             if bad:
                 values = {k: float(losses[k].detach().float()) for k in bad}
                 raise NonFiniteLoss(f"non-finite loss at step {step} in {bad} (this rank: {values}); the step was "
                                     f"not applied and the last checkpoint is the last good state (lower optim.lr, "
                                     f"raise optim.warmup_steps, or check the input batch)")
-            self.engine.backward(losses["loss/total"])
+            return losses
+
+        def at_boundary() -> None:
             if last:
                 held.append(live_tensor_mb(self.task.parameters()))
-            if manual_clipping(cfg.engine, cfg.optim.clip_grad) and self.engine.is_gradient_accumulation_boundary():
+            if manual_clipping(cfg.engine, cfg.optim.clip_grad):
                 torch.nn.utils.clip_grad_norm_([p for _, p in self.task.trainable_parameters()], cfg.optim.clip_grad)
-            self.engine.step()
-            rows.append(scalars(losses) | self.memory())
+
+        rows = [scalars(losses) | self.memory()
+                for losses in optimizer_step(self.engine, batches, parts, step=step, check=check,
+                                             at_boundary=at_boundary)]
         momentum = self.task.update_teacher(step=step, total_steps=cfg.steps, gathered=self.zero.gathered)
         row = self.global_scalars(rows)
         seconds = time.perf_counter() - start

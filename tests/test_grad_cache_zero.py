@@ -1,0 +1,154 @@
+"""Feature-cached accumulation under DeepSpeed ZeRO 0 and 2, 2 gloo ranks (issue 23): for the same examples,
+crops and masks, grad_accum=4 x batch 8 on 2 ranks gives the loss and every parameter's gradient of one step of
+batch 32 on 2 ranks and of batch 64 in one process, to 1e-5; the per-micro-batch contrastive loss does not.
+
+Each case trains one step with SGD at lr 1 (no momentum, no decay, no clipping): a parameter's change is
+minus its gradient averaged over the ranks, read from the weights the engine wrote, through the engine's own
+reduction (ZeRO-2: reduce-scatter, partitioned update, all-gather). The trainer's own step
+(pipelines.train.accumulate) runs the micro-batches. Settings as tests/test_grad_cache.py: every other loss
+term per example, so the split changes only the contrastive batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pipelines.testing import free_port
+from tests.test_grad_cache import per_example_cfg
+from tests.test_task import make_batch
+
+GLOBAL, WORLD, STEP = 64, 2, 3
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class Case:
+    zero_stage: int
+    batch: int        # per rank, per micro-batch
+    grad_accum: int
+    cached: bool = True
+
+
+def micro_batches(rank: int, case: Case):
+    """Rank r holds rows [r * GLOBAL/WORLD, (r + 1) * GLOBAL/WORLD) of the global batch, in micro-batches."""
+    whole = make_batch(GLOBAL, seed=1)
+    per_rank = GLOBAL // WORLD
+    out = []
+    for i in range(case.grad_accum):
+        start = rank * per_rank + i * case.batch
+        rows = slice(start, start + case.batch)
+        out.append(type(whole)(**{k: v[rows] for k, v in vars(whole).items()}))
+    return out
+
+
+def trainable(task) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
+
+
+CASES = (Case(zero_stage=0, batch=8, grad_accum=4), Case(zero_stage=0, batch=32, grad_accum=1),
+         Case(zero_stage=2, batch=8, grad_accum=4), Case(zero_stage=2, batch=32, grad_accum=1),
+         Case(zero_stage=2, batch=8, grad_accum=4, cached=False))
+
+
+def rank_main(rank: int, port: int, out: str) -> None:
+    """Every case, one after the other, in one process group (one start-up of DeepSpeed for all)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "DS_ACCELERATOR": "cpu"})
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    for case in CASES:
+        one_case(rank, case, Path(out) / name(case))
+
+
+def name(case: Case) -> str:
+    return f"z{case.zero_stage}_b{case.batch}_k{case.grad_accum}_{'cached' if case.cached else 'per_micro_batch'}"
+
+
+def one_case(rank: int, case: Case, out: Path) -> None:
+    import deepspeed
+    from safetensors.torch import save_file
+
+    from pipelines.train.accumulate import contrastive_parts, optimizer_step
+    from pipelines.train.config import EngineConfig
+    from pipelines.train.zero import Zero, all_gather_cat, all_reduce_mean, all_reduce_sum, deepspeed_config
+    from tipsv2.task import TIPSv2Task
+
+    cfg = per_example_cfg()
+    torch.manual_seed(0)
+    task = TIPSv2Task(cfg, gather=all_gather_cat, reduce_mean=all_reduce_mean, reduce_sum=all_reduce_sum, rank=rank)
+    before = trainable(task)
+    optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1.0)
+    engine_cfg = EngineConfig(workers=WORLD, zero_stage=case.zero_stage, grad_accum=case.grad_accum)
+    config = deepspeed_config(engine_cfg, batch_size=case.batch, clip_grad=0.0, world=WORLD)
+    Zero(case.zero_stage).patch_deepspeed()   # as the trainer does
+    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=config, dist_init_required=False)
+    batches = micro_batches(rank, case)
+    parts = contrastive_parts(engine, batches, step=STEP, cfg=cfg.contrastive if case.cached else None,
+                              gather=all_gather_cat, rank=rank)
+    losses = optimizer_step(engine, batches, parts, step=STEP, check=lambda losses: losses, at_boundary=lambda: None)
+    mean = {k: all_reduce_mean(torch.stack([l[k].detach() for l in losses]).mean()).item()
+            for k in ("loss/contrastive", "loss/dino", "loss/patch", "loss/total")}
+    if rank == 0:
+        out.mkdir(parents=True)
+        after = trainable(task)
+        save_file({n: before[n] - after[n] for n in before}, str(out / "grads.safetensors"))
+        (out / "losses.json").write_text(json.dumps(mean))
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory) -> dict[Case, tuple[dict[str, float], dict[str, torch.Tensor]]]:
+    """(losses, gradients) of every case: 2 ranks, one spawn."""
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("grad_cache_zero")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    mp.spawn(rank_main, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return {case: (json.loads((out / name(case) / "losses.json").read_text()),
+                   load_file(str(out / name(case) / "grads.safetensors"))) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """Batch 64 in one process, no engine: the plain reference."""
+    from tipsv2.task import TIPSv2Task
+
+    torch.manual_seed(0)
+    task = TIPSv2Task(per_example_cfg())
+    losses = task(make_batch(GLOBAL, seed=1), STEP)
+    losses["loss/total"].backward()
+    grads = {n: p.grad.detach().clone() for n, p in task.named_parameters() if p.requires_grad}
+    return {k: losses[k].item() for k in ("loss/contrastive", "loss/dino", "loss/patch", "loss/total")}, grads
+
+
+def assert_same(got: tuple, want: tuple) -> None:
+    (got_losses, got_grads), (want_losses, want_grads) = got, want
+    for key, value in want_losses.items():
+        assert got_losses[key] == pytest.approx(value, rel=1e-5), key
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, **TOL, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_accumulation_4_x_8_equals_one_step_of_32_on_two_ranks_and_of_64_in_one(zero_stage, cases, one_process):
+    accumulated = cases[Case(zero_stage=zero_stage, batch=8, grad_accum=4)]
+    assert_same(accumulated, one_process)
+    assert_same(accumulated, cases[Case(zero_stage=zero_stage, batch=32, grad_accum=1)])
+
+
+@pytest.mark.slow
+def test_a_per_micro_batch_contrastive_loss_fails_the_comparison(cases, one_process):
+    losses, grads = cases[Case(zero_stage=2, batch=8, grad_accum=4, cached=False)]
+    assert losses["loss/contrastive"] != pytest.approx(one_process[0]["loss/contrastive"], rel=1e-5)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grads["model.log_temperature"], one_process[1]["model.log_temperature"], **TOL)
