@@ -162,10 +162,16 @@ def stage_main(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]], ru
     (`show(summary, output)`; JSON by default, None: nothing) and return it. `stage` names the stage in
     the run root (pipelines.layout)."""
     cfg, output = parse_stage_args(argv, presets, description=description, flags=flags, stage=stage)
+    prog = f"python -m pipelines.{stage}" if stage else None
     try:
         summary = run(cfg, output)
     except UsageError as err:   # wrong input found once the stage looked: one line, exit 2, as argparse does
-        fail(f"python -m pipelines.{stage}" if stage else None, str(err))
+        fail(prog, str(err))
+    except KeyboardInterrupt:   # Ctrl-C: say what is kept and how to go on, not a traceback; 130 as a shell does
+        print(f"{prog or os.path.basename(sys.argv[0])}: interrupted; what was written to {output} is kept: run the "
+              "same command again to go on (training resumes from its last checkpoint, captioning keeps every "
+              "committed caption, a finished step is skipped)", file=sys.stderr)
+        raise SystemExit(130) from None
     if show is not None:
         show(summary, output)
     return summary

@@ -303,3 +303,17 @@ def test_a_caption_set_of_other_images_stops_pretrain_in_one_line(tmp_path, caps
     line = usage_error(pretrain.main, ["--config", "tiny", "--set", f"data.images={source.images}", "--set",
                                        f"data.captions_uri={source.captions}", "--output", str(tmp_path / "pt")], capsys)
     assert "shares no id with image Parquet" in line
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(capsys):
+    from pipelines import cli
+
+    def run(cfg, output):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        cli.stage_main(["--output", "/tmp/o"], {"default": lambda: None}, run)
+    assert exited.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted; what was written to /tmp/o is kept" in err
+    assert "run the same command again" in err
