@@ -12,9 +12,9 @@ import pytest
 
 # ---------------------------------------------------------------- a fresh machine, every run
 # The suite never reads or writes the user's home, Ray's default temp dir (/tmp/ray: its ray_current_cluster
-# record) or any cache: each run sees a machine as CI's fresh one is, so state an earlier run left (a Ray
-# token in ~/.ray hid a failure once) can neither hide a failure nor be changed by a test. Everything lives
-# under FRESH, removed at the end. Short path: Ray's socket paths under its temp dir must fit in 107 bytes.
+# record) or any cache: each run sees a machine as CI's fresh one is, so state an earlier run left (a Ray token
+# left in the home directory hid a failure once) can neither hide a failure nor be changed by a test. Everything
+# lives under FRESH, removed at the end. Short path: Ray's socket paths under its temp dir must fit in 107 bytes.
 FRESH = Path(tempfile.mkdtemp(prefix="tt", dir="/tmp"))
 USER_STATE = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
               "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "HF_HOME", "HF_HUB_CACHE",
@@ -25,7 +25,7 @@ USER_STATE = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING
 def fresh_machine(root: Path) -> dict[str, str]:
     """The environment of a fresh machine under `root`: an empty home, Ray's temp dir and an auth token of
     this run (through Ray's documented RAY_AUTH_TOKEN_PATH; `ray start --head` under token auth refuses to
-    start without one, and a local `ray.init()` would otherwise write ~/.ray/auth_token)."""
+    start without one, and a local `ray.init()` would otherwise write one into the home directory)."""
     home = root / "home"
     home.mkdir()
     token = root / "ray_auth_token"
