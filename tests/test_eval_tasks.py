@@ -298,5 +298,4 @@ def test_synthetic_suite_reads_what_the_labels_name_from_the_data(tiny_model, to
         scenes=scenes, segmentation_probe=probes.LinearSegmentationConfig(epochs=1), knn=probes.KnnConfig(k=3)))
     assert result == pytest.approx(in_memory, abs=1e-6)
     assert result["patch_text/chance/uniform"] == 0.5                            # two colours
-    assert set(k for k in result if k.startswith("patch_text/auroc/")) <= {"patch_text/auroc/red",
-                                                                            "patch_text/auroc/blue"}
+    assert not any(k.startswith("patch_text/auroc/") for k in result)          # the same keys whatever the data
