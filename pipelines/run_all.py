@@ -7,6 +7,8 @@
 Each step writes under `<output>/<step>/` and is its own MLflow run under one parent run (sqlite store
 under a local output unless `tracking.uri` / MLFLOW_TRACKING_URI say otherwise). A step whose
 `step.json` records the same config is skipped, so a rerun resumes where the last one stopped.
+The evaluate step also scores the teacher's architecture at random init (`evaluate/random_init/export`),
+and the report sets every number beside it and beside its baseline (pipelines/report_table.py).
 Sources: procedural scenes (with ground-truth captions for the template captioner) plus the sample
 photos that ship with scikit-image, unless `source.images` names your own images to ingest.
 """
@@ -14,7 +16,9 @@ photos that ship with scikit-image, unless `source.images` names your own images
 from __future__ import annotations
 
 import io
+import tempfile
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable
 
 from pipelines import caption, cli, data, ingest, report, storage
@@ -25,6 +29,7 @@ from pipelines.train.config import DistillJobConfig, PretrainJobConfig, distill_
 from tipsv2.data.synthetic import SyntheticConfig
 
 STEPS = ("source", "ingest", "caption", "tokenizer", "pretrain", "distill", "evaluate", "report")
+RANDOM_INIT = "random_init"   # the baseline model: the teacher's architecture, untrained (evaluate/random_init/export)
 SKIMAGE_SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "horse", "cat", "camera", "moon")
 
 
@@ -44,16 +49,23 @@ class RunAllConfig:
     distill: DistillJobConfig = field(default_factory=lambda: distill_preset("tiny"))
     evaluate_suite: str = "synthetic"      # a tipsv2.eval.suites name
     evaluate_data: str = ""                # the suite's dataset root; "" = the generated scenes for 'synthetic'
+    evaluate_options: dict[str, str] = field(default_factory=dict)   # suite keyword arguments, values as JSON
+                                                                     # (pipelines.evaluate --option)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="tipsv2-run_all"))
 
 
-def _chain(name: str) -> RunAllConfig:
+def _chain(name: str, evaluate_options: dict[str, str] | None = None) -> RunAllConfig:
     pre, dis = preset(name), distill_preset(name)
-    return RunAllConfig(source=SourceConfig(synthetic=pre.data.synthetic), pretrain=pre, distill=dis)
+    return RunAllConfig(source=SourceConfig(synthetic=pre.data.synthetic), pretrain=pre, distill=dis,
+                        evaluate_options=evaluate_options or {})
 
 
-PRESETS: dict[str, Callable[[], RunAllConfig]] = {"tiny": lambda: _chain("tiny"), "demo": lambda: _chain("demo"),
-                                                  "default": lambda: _chain("demo")}
+# The demo's probes and kNN train on 256 of its 1024 training scenes: the linear probe on all of them took most
+# of the evaluate step's time, three models over.
+DEMO_EVALUATION = {"train_count": "256"}
+PRESETS: dict[str, Callable[[], RunAllConfig]] = {"tiny": lambda: _chain("tiny"),
+                                                  "demo": lambda: _chain("demo", DEMO_EVALUATION),
+                                                  "default": lambda: _chain("demo", DEMO_EVALUATION)}
 
 
 # ---------------------------------------------------------------- steps
@@ -91,9 +103,6 @@ def write_source(cfg: SourceConfig, out: str) -> dict[str, Any]:
 
 def train_tokenizer_step(source: data.Source, vocab: int, max_len: int, out: str) -> dict[str, Any]:
     """The tokenizer every training step shares, trained on the texts the trainer reads (pipelines.data)."""
-    import tempfile
-    from pathlib import Path
-
     from tipsv2.tokenizer import Tokenizer, train_tokenizer
 
     texts = data.texts_for_tokenizer(data.read_texts(source))
@@ -105,14 +114,29 @@ def train_tokenizer_step(source: data.Source, vocab: int, max_len: int, out: str
     return {"texts": len(texts), "vocab_size": vocab, "tokenizer": target}
 
 
+def write_random_init(cfg: PretrainJobConfig, out: str) -> str:
+    """`out`: an export of the weights pretraining starts from (seeded by cfg.seed, no init), untrained. The
+    report sets every trained model beside it: what the architecture and tokenizer score having learned nothing."""
+    from tipsv2.checkpoint import save_export
+    from tipsv2.loop import build_pretrain_task
+
+    model = build_pretrain_task(replace(cfg, init=None)).model
+    with tempfile.TemporaryDirectory(prefix="tipsv2-random-init-") as tmp:
+        for path in sorted(save_export(Path(tmp), model=model).iterdir()):
+            storage.write_bytes(storage.join(out, path.name), path.read_bytes())
+    return out
+
+
 def evaluate_step(cfg: RunAllConfig, out: str, *, models: dict[str, str], tokenizer: str, eval_data: str | None,
                   tracking: TrackingConfig) -> dict[str, Any]:
+    """The suite for each model; `models[RANDOM_INIT]` is written here first."""
     from pipelines import evaluate
 
+    write_random_init(cfg.pretrain, models[RANDOM_INIT])
     results = {}
     for name, checkpoint in models.items():
         ecfg = evaluate.EvaluateConfig(checkpoint=checkpoint, suite=cfg.evaluate_suite, data=eval_data, tokenizer=tokenizer,
-                                       tracking=tracking)
+                                       options=cfg.evaluate_options, tracking=tracking)
         results[name] = evaluate.run(ecfg, storage.join(out, name))["metrics"]
     return results
 
@@ -186,10 +210,12 @@ def run(cfg: RunAllConfig, output: str) -> dict[str, Any]:
     teacher = storage.join(root("pretrain"), "export")
     dis_cfg = replace(cfg.distill, teacher=teacher, data=replace(cfg.distill.data, **data_cfg), tracking=chain.tracking)
     chain.step("distill", dis_cfg, lambda out: _brief(train.run(train.Job.DISTILL, dis_cfg, out)), own_run=False)
-    models = {"teacher": teacher, "student": storage.join(root("distill"), "export")}
+    models = {"teacher": teacher, "student": storage.join(root("distill"), "export"),
+              RANDOM_INIT: storage.join(root("evaluate"), RANDOM_INIT, "export")}
     eval_data = cfg.evaluate_data or (storage.join(root("source"), "synthetic")
                                       if cfg.evaluate_suite == "synthetic" else None)
-    evaluation = chain.step("evaluate", {"suite": cfg.evaluate_suite, "data": eval_data, "models": models},
+    evaluation = chain.step("evaluate", {"suite": cfg.evaluate_suite, "data": eval_data, "models": models,
+                                         "options": cfg.evaluate_options},
                             lambda out: evaluate_step(cfg, out, models=models, tokenizer=tok["tokenizer"],
                                                       eval_data=eval_data, tracking=chain.tracking), own_run=False)
     if "://" not in output:

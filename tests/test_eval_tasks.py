@@ -260,6 +260,11 @@ def test_tiny_suite_runs_end_to_end_with_the_tiny_model(tiny_model, tokenizer):
         if "/top" in key or "_r" in key or "miou" in key:
             assert 0.0 <= value <= 1.0, key
     assert result["linear_depth/rmse"] > 0
+    for key in ("zero_shot_classification/top1", "knn/top1", "retrieval/i2t_r1", "zero_shot_segmentation/miou",
+                "linear_segmentation/miou", "linear_depth/rmse", "patch_text/accuracy"):   # each metric's baseline
+        assert f"baseline/{key}" in result, key
+    assert result["baseline/retrieval/t2i_r1"] == pytest.approx(1 / 16)          # 16 test scenes
+    assert 0.0 <= result["patch_text/accuracy"] <= 1.0 and result["patch_text/num_objects"] >= 16
     with pytest.raises(ValueError, match="unknown evaluation suite 'nope'"):
         suites.run_suite("nope", tiny_model, tokenizer)
 
@@ -276,3 +281,21 @@ def test_synthetic_suite_reads_parquet_like_it_renders_in_memory(tiny_model, tok
     assert from_files["num_train"] == 8 and from_files["num_test"] == 4
     with pytest.raises(ValueError, match="needs a data location"):
         suites.run_suite("ade20k", tiny_model, tokenizer)
+
+
+def test_synthetic_suite_reads_what_the_labels_name_from_the_data(tiny_model, tokenizer, tmp_path):
+    """Colour-labelled scenes on disk are scored with colour class names, though the suite's own config
+    says shapes: the config written beside the scenes wins (else the masks' labels would be misnamed)."""
+    scenes = synthetic.SyntheticConfig(label=synthetic.Label.COLOUR, colours=(synthetic.Colour.RED,
+                                       synthetic.Colour.BLUE), size_scale=1.6, train_size=6, val_size=1, test_size=4)
+    synthetic.write_parquet(str(tmp_path), scenes)
+    assert synthetic.read_config(str(tmp_path)) == scenes
+    cfg = suites.SyntheticSuiteConfig(segmentation_probe=probes.LinearSegmentationConfig(epochs=1),
+                                      knn=probes.KnnConfig(k=3))
+    location = suites.DataLocation(filesystem=pafs.LocalFileSystem(), root=str(tmp_path))
+    result = suites.run_suite("synthetic", tiny_model, tokenizer, location, cfg=cfg)
+    in_memory = suites.run_suite("synthetic", tiny_model, tokenizer, None, cfg=suites.SyntheticSuiteConfig(
+        scenes=scenes, segmentation_probe=probes.LinearSegmentationConfig(epochs=1), knn=probes.KnnConfig(k=3)))
+    assert result == pytest.approx(in_memory, abs=1e-6)
+    assert result["patch_text/chance/uniform"] == 0.5                            # two colours
+    assert not any(k.startswith("patch_text/auroc/") for k in result)          # the same keys whatever the data

@@ -24,6 +24,11 @@ EXPECTED = {
     *(f"{task}/{cls}/{m}" for cls in ("cls1", "cls2")
       for task, ms in (("zero_shot_classification", ("top1", "top5")), ("knn", ("top1", "top5")),
                        ("retrieval", ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"))) for m in ms),
+    *(f"patch_text/{m}" for m in ("accuracy", "auroc", "null/mean", "null/p95", "chance", "chance/uniform",
+                                  "chance/majority", "num_foreground_patches", "num_patches", "num_objects")),
+    *(f"baseline/{m}" for m in ("zero_shot_classification/top1", "knn/top1", "retrieval/i2t_r1", "retrieval/t2i_r1",
+                                "zero_shot_segmentation/miou", "linear_segmentation/miou", "linear_depth/rmse",
+                                "patch_text/accuracy")),
 }
 
 
@@ -73,7 +78,7 @@ def check_results(results: dict, *, suite: str = "tiny") -> None:
     assert all(math.isfinite(v) for v in results["metrics"].values()), results["metrics"]
     assert results["metrics"]["num_test"] == 16 and results["metrics"]["num_train"] == 32
     for key, value in results["metrics"].items():
-        if key != "linear_depth/rmse" and not key.split("/")[-1].startswith("num_"):
+        if not key.endswith("linear_depth/rmse") and not key.split("/")[-1].startswith("num_"):
             assert 0.0 <= value <= 1.0, (key, value)
 
 

@@ -8,7 +8,8 @@ evaluation suite (zero-shot classification / segmentation, retrieval, probes).
 
     python -c "from tipsv2.data import synthetic as s; s.write_parquet('/tmp/syn', s.SyntheticConfig())"
 writes /tmp/syn/<split>/images/part-00000.parquet (schema IMAGES) and
-/tmp/syn/<split>/ground_truth/part-00000.parquet (ground_truth_schema()) for train, val and test
+/tmp/syn/<split>/ground_truth/part-00000.parquet (ground_truth_schema()) for train, val and test, and
+/tmp/syn/scenes.json, the config (`read_config`: whether mask labels are shapes or colours)
 (about 10 s for the default 768 scenes of 112 px on one core).
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tipsv2 import config_tree
 from tipsv2.data import schema
 from tipsv2.data.schema import ROW_GROUP_BYTES, Granularity, caption_column, image_id
 
@@ -88,6 +90,7 @@ TEXTURE_WORD: dict[Texture, str] = {
     Texture.STRIPES: "striped", Texture.CHECKS: "checkered", Texture.NOISE: "noisy", Texture.GRADIENT: "gradient",
 }
 _SPLIT_CODE = {Split.TRAIN: 0, Split.VAL: 1, Split.TEST: 2}
+SCENES_FILE = "scenes.json"   # beside the splits written by write_parquet: the SyntheticConfig that rendered them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -508,7 +511,22 @@ def write_parquet(out_dir: str, cfg: SyntheticConfig = SyntheticConfig(), *,
             fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         _write_split(fs, paths, cfg, split)
         written[split.value] = {"rows": cfg.split_size(split), "paths": paths}
+    # The masks' labels mean shapes or colours: readers (the synthetic evaluation suite) learn which from here.
+    with fs.open_output_stream(f"{root}/{SCENES_FILE}") as out:
+        out.write(json.dumps(config_tree.to_dict(cfg), indent=2).encode())
     return written
+
+
+def read_config(root: str, *, filesystem: pafs.FileSystem | None = None) -> SyntheticConfig | None:
+    """The config `write_parquet` rendered the scenes under `root` with; None for data written without one."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    path = f"{root.rstrip('/')}/{SCENES_FILE}"
+    if fs.get_file_info(path).type is not pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as stream:
+        return config_tree.from_dict(SyntheticConfig, json.loads(stream.read()))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -85,6 +85,15 @@ def permutation_null(confusion: np.ndarray, *, samples: int = 5040, seed: int = 
     return confusion[perms, np.arange(c)].sum(axis=1) / max(total, 1)
 
 
+def patch_cosines(encode_image: ImageEncoder, class_text: Tensor, image: Image.Image,
+                  cfg: PatchTextConfig = PatchTextConfig()) -> Tensor:
+    """(h * w, C) cosine of each patch token (row-major, as `patch_labels`) with each class embedding (C, D);
+    its argmax over C is the patch's zero-shot prediction."""
+    grid = patch_grid(encode_image, to_tensor(image)[None], patch_size=cfg.patch_size, dense=cfg.dense)[0]
+    tokens = normalize(grid.reshape(-1, grid.shape[-1])).cpu()                     # (h * w, D)
+    return tokens @ class_text.T
+
+
 def patch_text_alignment(encode_image: ImageEncoder, encode_text: TextEncoder, class_names: Sequence[str],
                          items: Iterable[tuple[Image.Image, np.ndarray]],
                          cfg: PatchTextConfig = PatchTextConfig()) -> dict[str, float]:
@@ -93,9 +102,7 @@ def patch_text_alignment(encode_image: ImageEncoder, encode_text: TextEncoder, c
     class_text = class_embeddings(encode_text, class_names, cfg.templates)          # (C, D)
     cosines, labels = [], []
     for image, mask in items:
-        grid = patch_grid(encode_image, to_tensor(image)[None], patch_size=cfg.patch_size, dense=cfg.dense)[0]
-        tokens = normalize(grid.reshape(-1, grid.shape[-1])).cpu()                 # (h * w, D)
-        cosines.append(tokens @ class_text.T)                                      # (h * w, C)
+        cosines.append(patch_cosines(encode_image, class_text, image, cfg))       # (h * w, C)
         labels.append(patch_labels(np.asarray(mask), cfg.patch_size))
     if not labels:
         raise ValueError("patch_text_alignment got no items")

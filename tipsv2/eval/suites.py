@@ -4,7 +4,8 @@ of metrics ("<task>/<variant>/<metric>" -> float), ready for JSON and MLflow.
 | suite          | data                                   | metrics                                                  |
 |----------------|----------------------------------------|----------------------------------------------------------|
 | tiny           | synthetic scenes rendered in memory    | everything below on 32 train / 16 test scenes (seconds)  |
-| synthetic      | write_parquet output, or in memory     | zero-shot cls + seg, retrieval, linear seg, depth, kNN   |
+| synthetic      | write_parquet output, or in memory     | zero-shot cls + seg, patch-text, retrieval, linear seg,  |
+|                |                                        | depth, kNN; each with its baseline under `baseline/`     |
 | imagenet       | ImageFolder                            | zero-shot top-1/top-5, CLS1 and CLS2                     |
 | coco           | COCO captions (+ split file)           | image<->text recall@1/5, CLS1 and CLS2                   |
 | ade20k         | ADEChallengeData2016                   | zero-shot segmentation mIoU (sliding window)             |
@@ -31,9 +32,10 @@ from torch import Tensor
 
 from tipsv2.data import synthetic
 from tipsv2.data.schema import Granularity
-from tipsv2.eval import datasets, probes, retrieval, zero_shot
+from tipsv2.eval import baselines, datasets, patch_text, probes, retrieval, zero_shot
 from tipsv2.eval.features import (Embedding, FeatureSet, class_embeddings, embed_texts, extract_features,
-                                  model_image_encoder, model_text_encoder, resize_center_crop_target)
+                                  model_image_encoder, model_text_encoder, resize_center_crop,
+                                  resize_center_crop_target)
 
 Metrics = dict[str, float]
 Tokenize = Callable[[Sequence[str]], tuple[Tensor, Tensor]]
@@ -84,11 +86,23 @@ def _targets(records: Sequence[synthetic.SceneRecord], size: int) -> tuple[Tenso
     return torch.from_numpy(masks).long(), torch.from_numpy(depths).float()
 
 
+def _with_data_scenes(location: DataLocation | None, cfg: SyntheticSuiteConfig) -> SyntheticSuiteConfig:
+    """Scenes read from files are described by the config written beside them (what their labels name:
+    shapes or colours); in-memory scenes by `cfg.scenes`."""
+    written = None if location is None else synthetic.read_config(location.root, filesystem=location.filesystem)
+    return cfg if written is None else dataclasses.replace(cfg, scenes=written)
+
+
 def synthetic_suite(model: torch.nn.Module, tokenizer: Tokenize, location: DataLocation | None = None, *,
-                    cfg: SyntheticSuiteConfig = SyntheticSuiteConfig()) -> Metrics:
-    """Every evaluator on synthetic scenes: train split for probes and kNN, test split for the rest.
-    Labels: the main (largest visible) shape for classification and kNN; shape masks with a 'background'
-    class for segmentation; layer-order depth for the depth probe."""
+                    cfg: SyntheticSuiteConfig = SyntheticSuiteConfig(), train_count: int | None = None) -> Metrics:
+    """Every evaluator on synthetic scenes: train split for probes and kNN, test split for the rest, and
+    under `baseline/` what guessing scores on the same scenes (tipsv2.eval.baselines).
+    Labels (shapes or colours, as the scenes' config says): the main (largest visible) object's class for
+    classification and kNN; masks with a 'background' class for segmentation; foreground patches for
+    patch-text alignment; layer-order depth for the depth probe. `train_count` (`--option train_count=256`):
+    the first scenes of the train split for probes and kNN, instead of `cfg.train_count` (the probe's cost
+    grows with it: the demo's 1024 scenes took most of its evaluation time)."""
+    cfg = _with_data_scenes(location, cfg if train_count is None else dataclasses.replace(cfg, train_count=train_count))
     encode_image, encode_text = model_image_encoder(model), model_text_encoder(model, tokenizer)
     patch_size = model.patch_size
     size = -(-cfg.image_size // patch_size) * patch_size
@@ -123,6 +137,8 @@ def synthetic_suite(model: torch.nn.Module, tokenizer: Tokenize, location: DataL
     seg_cfg = zero_shot.ZeroShotSegmentationConfig(short_side=size, patch_size=patch_size)
     out |= _prefixed("zero_shot_segmentation", zero_shot.zero_shot_segmentation(
         encode_image, encode_text, ("background", *names), [(r.image, r.mask) for r in test], seg_cfg))
+    out |= _prefixed("patch_text", _patch_text(encode_image, encode_text, names, test, size=size,
+                                                 patch_size=patch_size))
 
     train_masks, train_depth = _targets(train, size)
     test_masks, test_depth = _targets(test, size)
@@ -131,7 +147,36 @@ def synthetic_suite(model: torch.nn.Module, tokenizer: Tokenize, location: DataL
         cfg.segmentation_probe))
     out |= _prefixed("linear_depth", probes.linear_depth(
         train_features.patches, train_depth, test_features.patches, test_depth, cfg.depth_probe))
+    out |= _prefixed("baseline", _baselines(train_labels=train_labels, test_labels=test_labels,
+                                            caption_image=caption_image, test=test, num_labels=len(names) + 1,
+                                            test_masks=test_masks, train_depth=train_depth, test_depth=test_depth,
+                                            min_depth=cfg.depth_probe.min_depth))
+    out["baseline/patch_text/accuracy"] = out["patch_text/chance"]
     return out
+
+
+def _patch_text(encode_image, encode_text, names: Sequence[str], test: Sequence[synthetic.SceneRecord], *,
+                size: int, patch_size: int) -> Metrics:
+    """Foreground patch zero-shot accuracy and its chance (tipsv2.eval.patch_text) at the model input size,
+    with the number of objects: patches of one object share its class, so objects are the independent draws."""
+    items = [(resize_center_crop(r.image, size), resize_center_crop_target(r.mask, size)) for r in test]
+    out = patch_text.patch_text_alignment(encode_image, encode_text, names, items,
+                                          patch_text.PatchTextConfig(patch_size=patch_size))
+    out = {k: v for k, v in out.items() if not k.startswith("auroc/")}   # per class: keys would vary with the data
+    return out | {"num_objects": float(sum(len(r.objects) for r in test))}
+
+
+def _baselines(*, train_labels: Tensor, test_labels: Tensor, caption_image: Tensor,
+               test: Sequence[synthetic.SceneRecord], num_labels: int, test_masks: Tensor, train_depth: Tensor,
+               test_depth: Tensor, min_depth: float) -> Metrics:
+    """What guessing scores on these scenes, keyed like the metrics it stands beside."""
+    full_masks = np.concatenate([r.mask.ravel() for r in test])     # zero-shot segmentation scores at label size
+    return {"zero_shot_classification/top1": baselines.majority_accuracy(test_labels),
+            "knn/top1": baselines.majority_accuracy(test_labels, train_labels),
+            **{f"retrieval/{k}": v for k, v in baselines.retrieval_chance(caption_image).items()},
+            "zero_shot_segmentation/miou": baselines.all_background_miou(full_masks, num_labels),
+            "linear_segmentation/miou": baselines.all_background_miou(test_masks, num_labels),
+            "linear_depth/rmse": baselines.constant_depth_rmse(train_depth, test_depth, min_depth=min_depth)}
 
 
 TINY = SyntheticSuiteConfig(
