@@ -205,7 +205,7 @@ def cpu_throughput(cfg: JobConfig, *, assume: Assumptions, profiles: Profiles) -
 def memory_inputs(cfg: JobConfig) -> MemoryInputs:
     engine = cfg.engine
     return MemoryInputs(stage=engine.zero_stage, workers=engine.workers, precision=engine.precision,
-                        grad_accum=engine.grad_accum, bucket_size=engine.bucket_size)
+                        grad_accum=engine.grad_accum, bucket_size=engine.bucket_size, optimizer=cfg.optim.optimizer)
 
 
 def estimate_memory(cfg: JobConfig, *, assume: Assumptions) -> MemoryEstimate:
