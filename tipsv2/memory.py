@@ -7,10 +7,11 @@ the planner (`pipelines/plan.py`), the memory bench (`bench/train.py`) and its t
 
 Model state, per trained parameter: weights and gradients (4 + 4 bytes in fp32, 2 + 2 in bf16/fp16),
 DeepSpeed's fp32 master (4; at ZeRO 1-3 a copy even in fp32, none at ZeRO-0 in fp32) and the optimiser state
-(`optimizer_state_bytes`: AdamW's two moments, 8; torch Adafactor's second moments, factored per matrix where it
-sees whole parameters, one 4-byte vector over DeepSpeed's flat partitions at ZeRO 1-3); per frozen parameter (the EMA heads, distillation's teacher) its weights (4 or 2), plus in 16-bit
-training the EMA's float32 masters (4, whole on every rank). ZeRO-1 shards masters and moments, ZeRO-2
-also the gradients, ZeRO-3 also the weights. Measured with DeepSpeed 0.19.8 (bench/results/train.json,
+(`optimizer_state_bytes`: AdamW's two moments, 8; torch Adafactor's second moments, factored per matrix where
+it sees whole parameters, one 4-byte vector over DeepSpeed's flat partitions at ZeRO 1-3); per frozen
+parameter (the EMA heads, distillation's teacher) its weights (4 or 2), plus in 16-bit training the EMA's
+float32 masters (4, whole on every rank). ZeRO-1 shards masters and moments, ZeRO-2 also the gradients,
+ZeRO-3 also the weights. Measured with DeepSpeed 0.19.8 (bench/results/train.json,
 B/14, 2 workers): ZeRO-1 holds no more than ZeRO-2 at grad_accum 1 (it reduces and drops the gradients
 it does not own before `backward` returns), and full gradients plus one reduce bucket between micro-steps
 at grad_accum > 1; ZeRO-3 holds one all-gather bucket (`engine.bucket_size` elements) on top.
