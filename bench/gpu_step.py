@@ -7,7 +7,7 @@
 
 One step is what the trainer does on each rank, from the project's own code (tipsv2/): TIPSv2Task forward
 (teacher targets, student passes, contrastive + DINO + iBOT++ losses) under bf16 autocast, backward,
-gradient clipping, AdamW on tipsv2.optim's parameter groups with the LR schedule, and the EMA teacher
+gradient clipping, the preset's optimiser (tipsv2.optim.build_optimizer) on tipsv2.optim's parameter groups with the LR schedule, and the EMA teacher
 update. No Ray, DeepSpeed, MLflow or pyarrow (the GPU machine has none; nothing from pipelines/ is
 imported; tipsv2 brings numpy, PIL and safetensors, which torchvision and transformers bring too), no
 data loading: a few random batches (tipsv2.data.batch.random_batch) live on the device, so the figure is
@@ -17,7 +17,7 @@ the step's own speed, the ceiling a real run approaches. Global crops at PX, loc
 Per run (MODEL:PX:BATCH): median step time after `--warmup` steps -> images/s; MFU = analytic training
 FLOPs per image (tipsv2.flops.flops_per_example) x images/s / the device's peak (tipsv2.flops:
 GPU_PEAK_FLOPS by name, TIPSV2_PEAK_FLOPS, or a timed matmul on CPU); peak memory allocated beside what
-tipsv2.memory predicts for one process (fp32 weights, gradients and AdamW state; activations in bf16).
+tipsv2.memory predicts for one process (fp32 weights, gradients and the optimiser's state; activations in bf16).
 Runs stop being started once `--budget-s` (default 420 s) is spent, so the whole bench ends within
 8 minutes; a run that runs out of memory is reported as such and the next one goes on. Writes
 bench/results/gpu_step.json, which pipelines.plan prefers over its assumed MFU for the same GPU and model.
@@ -46,7 +46,7 @@ from tipsv2.optim import TowerDepths, build_optimizer, learning_rate, param_grou
 from tipsv2.task import TIPSv2Task
 
 # MODEL:PX:BATCH. At 224 px the presets' own batches (what pipelines.plan plans with); at 448 px a quarter:
-# tipsv2.memory predicts 45, 31, 49 and 34 GiB (fp32 weights and AdamW state, bf16 activations).
+# tipsv2.memory predicted 45, 31, 49 and 34 GiB with AdamW (fp32 weights and moments, bf16 activations).
 RUNS = ("vit_b14:224:128", "vit_b14:448:32", "vit_l14:224:64", "vit_l14:448:16")
 BATCHES = 3                 # distinct random batches cycled through, resident on the device
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -91,7 +91,7 @@ def device_batches(cfg: PretrainConfig, device: torch.device) -> list[Batch]:
 
 
 def build(cfg: PretrainConfig, settings: Settings) -> tuple[TIPSv2Task, torch.optim.Optimizer, list]:
-    """Task, AdamW on the trainer's parameter groups, and the trained parameters (for clipping)."""
+    """Task, the preset's optimiser on the trainer's parameter groups, and the trained parameters (for clipping)."""
     torch.manual_seed(0)
     task = TIPSv2Task(cfg.task).to(settings.device)
     groups = param_groups(task.trainable_parameters(), cfg.optim, depths=TowerDepths.of(cfg.task.model))
@@ -124,7 +124,7 @@ def synchronize(device: torch.device) -> None:
 
 def predicted_gib(cfg: PretrainConfig, settings: Settings) -> float:
     """tipsv2.memory's prediction for one process: fp32 model state (ZeRO-0), activations under autocast."""
-    state = model_state_bytes(parameter_count(cfg), MemoryInputs(stage=0, workers=1))
+    state = model_state_bytes(parameter_count(cfg), MemoryInputs(stage=0, workers=1, optimizer=cfg.optim.optimizer))
     activations = activation_bytes(cfg, precision=Precision(settings.precision)) * cfg.data.batch_size
     return (state + activations) / GiB
 

@@ -161,14 +161,14 @@ def predicted_mb(cfg, workers: int) -> float:
     """The model state tipsv2.memory predicts per worker for this run (MiB)."""
     engine = cfg.engine
     inputs = MemoryInputs(stage=engine.zero_stage, workers=workers, precision=engine.precision,
-                          grad_accum=engine.grad_accum, bucket_size=engine.bucket_size)
+                          grad_accum=engine.grad_accum, bucket_size=engine.bucket_size, optimizer=cfg.optim.optimizer)
     return model_state_bytes(parameter_count(cfg), inputs) / 2 ** 20
 
 
 def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: int, model: str = "vit_b14") -> list[dict]:
     sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
             "engine.use_gpu=false",
-            f"data.batch_size={batch}", "engine.cpus_per_worker=1", "data.crops.global_size=112",
+            f"data.batch_size={batch}", "data.global_batch=null", "engine.cpus_per_worker=1", "data.crops.global_size=112",
             "data.crops.local_size=56", "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
             "data.synthetic.test_size=2", "data.tokenizer_vocab=256"]
     out = []
@@ -180,7 +180,7 @@ def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: in
             start = time.perf_counter()
             run(Job.PRETRAIN, cfg, root, faults=NoFaults())
             rows = read_history(root)
-        out.append({"model": model, "zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
+        out.append({"model": model, "optimizer": cfg.optim.optimizer.value, "zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
                     "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],
                     "peak_rss_mb_per_worker": rows[-1]["memory/peak_rss_mb"],
                     "predicted_model_state_mb_per_worker": predicted_mb(cfg, workers),

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
 from pipelines.tracking import MetricsSink
-from pipelines.train.config import JobConfig
+from pipelines.train.config import DistillJobConfig, JobConfig
 from tipsv2.configs import model_config_of
 from tipsv2.flops import GPU_PEAK_FLOPS, flops_per_example, gpu_peak_flops
 from tipsv2.memory import (GiB, MemoryInputs, activation_bytes, largest_fitting_batch, model_state_bytes,
@@ -46,11 +46,10 @@ class Assumptions:
     # Fraction of the one-thread matmul peak a CPU training step reaches. Measured in
     # bench/results/train.json: tiny 0.38-0.57, B/14 fp32 ZeRO-1/2 0.29-0.37; our choice 0.40.
     cpu_mfu: float = 0.40
-    # Images captioned per second per inference GPU (all granularities of an image are one request).
-    # Our estimate for Qwen2.5-VL-7B in bf16 on one L4 with vLLM: about 1,000 generated tokens/s batched,
-    # and ~400 generated tokens per image (short + medium + long) plus the image prefill. Measure with
+    # Images captioned per second per inference GPU (all granularities of an image are one request). None:
+    # estimated per GPU type from CAPTION_DECODE_TOKENS_PER_S (caption_throughput). Measure with
     # bench/caption.py on a GPU and override.
-    captions_per_s_per_gpu: float = 2.0
+    captions_per_s_per_gpu: float | None = None
     # Images decoded, validated, hashed and written per CPU core per second. Our choice for ~0.25 MP web
     # JPEGs; bench/results/caption.json measured 374 /s on 112 px synthetic PNGs (an upper bound).
     ingest_images_per_s_per_cpu: float = 100.0
@@ -73,10 +72,24 @@ class Assumptions:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
+            if getattr(self, f.name) is not None and getattr(self, f.name) < 0:
                 raise ValueError(f"assume.{f.name} must be >= 0, got {getattr(self, f.name)}")
         if not 0 < self.mfu <= 1 or not 0 < self.cpu_mfu <= 1:
             raise ValueError(f"assume.mfu and assume.cpu_mfu must be in (0, 1], got {self.mfu}, {self.cpu_mfu}")
+
+
+# Generated tokens per second of one GPU running a ~7B model under vLLM, batched, before any measurement of our
+# own (bench/caption.py has not run on a GPU). The one public figure we could find: Llama-2-7B on one A10G
+# (24 GB, 600 GB/s), vLLM 0.2.0, 1000 prompts of 256 input + 128 output tokens: 3.84 prompts/s, so 491
+# generated tokens/s (neuralmagic/nm-vllm github-action-benchmark,
+# https://github.com/neuralmagic/nm-vllm/commit/4c041221fb69670a5aa00d30d1bcf656586b7e3c). The other GPUs: our
+# estimate, that figure scaled by memory bandwidth (batched decode of a 7B model is bound by reading the weights
+# and the KV cache; vendor data sheets: L4 300 GB/s, A100 40 GB 1555, L40S 864, H100 SXM 3350, H200 4800).
+# Qwen2.5-VL-7B adds an image prefill of about the benchmark's 256 prompt tokens; a newer vLLM is faster.
+A10G_DECODE_TOKENS_PER_S = 3.84 * 128
+MEMORY_BANDWIDTH_GBS = {"A10G": 600.0, "L4": 300.0, "A100": 1555.0, "L40S": 864.0, "H100": 3350.0, "H200": 4800.0}
+CAPTION_DECODE_TOKENS_PER_S = {gpu: A10G_DECODE_TOKENS_PER_S * bandwidth / MEMORY_BANDWIDTH_GBS["A10G"]
+                               for gpu, bandwidth in MEMORY_BANDWIDTH_GBS.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,10 +215,41 @@ def cpu_throughput(cfg: JobConfig, *, assume: Assumptions, profiles: Profiles) -
         f"threads / {flops / 1e9:.2f} GFLOP per image"))
 
 
+def caption_throughput(gpu: str | None, *, tokens_per_image: int, assume: Assumptions) -> Figure:
+    """Images captioned per second by one inference GPU: `assume.captions_per_s_per_gpu` when set, else our
+    estimate, the GPU's decode tokens/s (CAPTION_DECODE_TOKENS_PER_S: one cited figure, scaled by memory
+    bandwidth) / the tokens generated per image (every granularity of one request, at its max_tokens: an
+    upper bound, so an estimate on the slow side)."""
+    if assume.captions_per_s_per_gpu is not None:
+        return Figure(value=assume.captions_per_s_per_gpu, unit="images/s", source=(
+            f"assumed {assume.captions_per_s_per_gpu:g} images/s per GPU, all granularities "
+            f"(assume.captions_per_s_per_gpu)"))
+    if gpu not in CAPTION_DECODE_TOKENS_PER_S:
+        raise ValueError(f"no caption throughput known for GPU {gpu!r}; known: {sorted(CAPTION_DECODE_TOKENS_PER_S)}; "
+                         f"set assume.captions_per_s_per_gpu")
+    decode = CAPTION_DECODE_TOKENS_PER_S[gpu]
+    cited = "cited" if gpu == "A10G" else (f"our estimate: A10G's x {gpu}/A10G memory bandwidth "
+                                           f"{MEMORY_BANDWIDTH_GBS[gpu]:g}/{MEMORY_BANDWIDTH_GBS['A10G']:g} GB/s")
+    return Figure(value=decode / tokens_per_image, unit="images/s", source=(
+        f"our estimate: {decode:,.0f} generated tokens/s on one {gpu} ({cited}; A10G: 491 tokens/s, Llama-2-7B, "
+        f"vLLM 0.2.0, github.com/neuralmagic/nm-vllm commit 4c04122) / {tokens_per_image} tokens per image (the "
+        f"granularities' max_tokens) = {decode / tokens_per_image:.2f} images/s per GPU; override with "
+        f"assume.captions_per_s_per_gpu"))
+
+
+def contrastive_negatives(cfg: JobConfig) -> int:
+    """Image-text pairs the contrastive loss compares in one optimiser step, each image's caption its positive and
+    every other text its negatives. Pretraining caches features across accumulation (pipelines.train.accumulate:
+    the loss over every micro-batch of every rank): per-worker batch x grad_accum x workers. Distillation computes
+    it per micro-batch: per-worker batch x workers."""
+    accumulated = 1 if isinstance(cfg, DistillJobConfig) else cfg.engine.grad_accum
+    return cfg.data.batch_size * accumulated * cfg.engine.workers
+
+
 def memory_inputs(cfg: JobConfig) -> MemoryInputs:
     engine = cfg.engine
     return MemoryInputs(stage=engine.zero_stage, workers=engine.workers, precision=engine.precision,
-                        grad_accum=engine.grad_accum, bucket_size=engine.bucket_size)
+                        grad_accum=engine.grad_accum, bucket_size=engine.bucket_size, optimizer=cfg.optim.optimizer)
 
 
 def estimate_memory(cfg: JobConfig, *, assume: Assumptions) -> MemoryEstimate:
@@ -226,8 +270,9 @@ def with_batch(cfg: JobConfig, batch: int, grad_accum: int) -> JobConfig:
 
 
 def advice(cfg: JobConfig, capacity: float, *, assume: Assumptions) -> str:
-    """What to change so a worker fits in `capacity` GiB: ZeRO-3, a smaller batch with accumulation
-    (the same global batch), or more memory."""
+    """What to change so a worker fits in `capacity` GiB: ZeRO-3, a smaller micro-batch with more accumulation
+    (pretraining keeps its contrastive pairs per step, feature-cached; distillation's shrink: contrastive_negatives),
+    or more memory."""
     batch, accum = cfg.data.batch_size, cfg.engine.grad_accum
     tips = []
     if cfg.engine.zero_stage < 3 and estimate_memory(with_engine(cfg, zero_stage=3), assume=assume).total <= capacity:
@@ -241,8 +286,10 @@ def advice(cfg: JobConfig, capacity: float, *, assume: Assumptions) -> str:
             # The fewest micro-batches that split the batch evenly into pieces that fit.
             split = next(n for n in range(math.ceil(batch / fit), batch + 1) if batch % n == 0)
             new_batch, new_accum = batch // split, accum * split
-            if estimate_memory(with_batch(staged, new_batch, new_accum), assume=assume).total <= capacity:
-                tips.append(f"batch {new_batch} x grad_accum {new_accum} at ZeRO-{stage} keeps the global batch "
+            smaller = with_batch(staged, new_batch, new_accum)
+            if estimate_memory(smaller, assume=assume).total <= capacity:
+                tips.append(f"batch {new_batch} x grad_accum {new_accum} at ZeRO-{stage} (the contrastive loss then "
+                            f"sees {contrastive_negatives(smaller)} pairs a step) "
                             f"(--set data.batch_size={new_batch} --set engine.grad_accum={new_accum}"
                             f"{'' if stage == cfg.engine.zero_stage else ' --set engine.zero_stage=3'})")
                 break

@@ -33,11 +33,12 @@ from typing import Any
 
 from pipelines import caption, ingest, run_all
 from pipelines.clusters import PRICES, Cluster, NodeType, PlanError, choose_node, cost, node_cap, read_cluster
-from pipelines.estimate import (Assumptions, Figure, MemoryEstimate, Profiles, Verdict, cpu_throughput,
+from pipelines.estimate import (Assumptions, Figure, MemoryEstimate, Profiles, Verdict, caption_throughput,
+                                contrastive_negatives, cpu_throughput,
                                 estimate_memory, gpu_throughput, load_profiles, verdict)
 from pipelines.resources import (ACCELERATOR_PREFIX, ACCELERATOR_SLIVER, RESOURCE_REQUESTS, Stage, ResourceDict,
                                  training_request, workers_per_node)
-from pipelines.train.config import PRESETS, JobConfig, distill_preset, preset
+from pipelines.train.config import PRESETS, DistillJobConfig, JobConfig, batch_split, distill_preset, preset
 from tipsv2 import config_tree
 
 STAGES = (Stage.INGEST, Stage.CAPTION, Stage.PRETRAIN, Stage.DISTILL, Stage.EVALUATE)
@@ -140,9 +141,9 @@ def plan_caption(cfg: caption.CaptionConfig, images: float, cluster: Cluster, as
     replicas = min(cfg.engine.concurrency, capacity)
     warnings = [f"engine.concurrency {cfg.engine.concurrency} replicas exceed what max_workers allows "
                 f"({capacity} on {node.name}); planned with {replicas}"] if replicas < cfg.engine.concurrency else []
-    per_gpu = assume.captions_per_s_per_gpu
-    speed = Figure(value=per_gpu * request["GPU"], unit="images/s",
-                   source=f"assumed {per_gpu:g} images/s per GPU, all granularities (assume.captions_per_s_per_gpu)")
+    tokens = sum(cfg.prompts.get(g).max_tokens for g in cfg.granularities)
+    per_gpu = caption_throughput(node.gpu, tokens_per_image=tokens, assume=assume)
+    speed = dataclasses.replace(per_gpu, value=per_gpu.value * request["GPU"])
     notes = [f"engine.concurrency={replicas} uses {math.ceil(replicas / per_node)} of {node_cap(node, cluster)} "
              f"{node.name} nodes; --set caption.engine.concurrency={capacity} would take "
              f"{hours(images / (speed.value * capacity))}"] if replicas < capacity else []
@@ -167,9 +168,15 @@ def plan_training(stage: Stage, cfg: JobConfig, images: float, cluster: Cluster,
                         f"an '{ACCELERATOR_PREFIX}<GPU>' resource")
     speed = (gpu_throughput(cfg, gpu, assume=assume, profiles=profiles) if gpu
              else cpu_throughput(cfg, assume=assume, profiles=profiles))
-    seen = cfg.steps * cfg.data.batch_size * cfg.engine.grad_accum * workers
-    notes = [f"{cfg.steps} steps x global batch {seen // cfg.steps} = {seen:,.0f} images seen "
-             f"({seen / max(images, 1):.2f} epochs of {images:,.0f})"]
+    split = batch_split(cfg)   # the plan of a run that would refuse to start is refused too
+    seen = cfg.steps * split.global_batch
+    notes = [f"{cfg.steps} steps x global batch {split.global_batch} = {seen:,.0f} images seen "
+             f"({seen / max(images, 1):.2f} epochs of {images:,.0f})",
+             f"contrastive negatives per step: {contrastive_negatives(cfg)} image-text pairs (data.batch_size "
+             f"{split.per_worker} x engine.grad_accum {split.grad_accum} x engine.workers {split.workers}: "
+             + ("distillation's loss is per micro-batch, so grad_accum does not count)"
+                if isinstance(cfg, DistillJobConfig) else
+                f"feature-cached accumulation; a per-micro-step loss would see {split.per_worker * split.workers})")]
     gpus = sorted({t.gpu for t in cluster.node_types.values() if t.gpu}) if gpu else []
     verdicts = tuple(verdict(cfg, g, assume=assume) for g in gpus)
     if gpu and not next(v for v in verdicts if v.gpu == gpu).fits:

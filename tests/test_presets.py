@@ -1,7 +1,9 @@
-"""Presets: the paper sizes' resolution stages and sources, the learning preset, starting from an export."""
+"""Presets: the paper sizes' resolution stages, values from the readings of TIPSv2 and their global batch split,
+the learning preset, starting from an export."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -32,6 +34,89 @@ def test_paper_presets_have_the_released_grid_and_two_resolution_stages(name):
     assert name + "_hr" in DISTILL_PRESETS and DISTILL_PRESETS[name]().data.masking.ratio == 0.0
 
 
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets_train_what_the_readings_of_tipsv2_report(name):
+    """Global batch 8192 at 224 px and 4096 at 448 px, Adafactor, 90k + 9k steps; the TIPS lineage's EMA center
+    (TIPS v1 Eq. 1) for the teacher targets, 32k prototypes, alpha = 1, beta = 2, 75 % masking."""
+    from tipsv2.losses.dino import Centering
+    from tipsv2.optim import Optimizer
+
+    low, high = preset(name), preset(name + "_hr")
+    assert (low.data.global_batch, low.steps, high.data.global_batch, high.steps) == (8192, 90_000, 4096, 9_000)
+    for cfg in (low, high):
+        assert cfg.optim.optimizer == Optimizer.ADAFACTOR and cfg.task.head.prototypes == 32768
+        assert cfg.task.dino.centering == cfg.task.patch.centering == Centering.CENTER
+
+
+@pytest.mark.parametrize("name", [p + suffix for p in PAPER for suffix in ("", "_hr")])
+def test_the_paper_engine_splits_the_global_batch_into_accumulated_micro_batches(name):
+    from pipelines.train.config import DISTILL_PRESETS as JOB_DISTILL, PRESETS as JOBS, batch_split
+
+    for job in (JOBS[name](), JOB_DISTILL[name]()):
+        split = batch_split(job)
+        assert split.global_batch == job.data.global_batch == (4096 if name.endswith("_hr") else 8192)
+        assert (split.per_worker, split.grad_accum, split.workers) == (
+            job.data.batch_size, job.engine.grad_accum, job.engine.workers)
+    assert (JOBS["vit_g14"]().engine.grad_accum, JOBS["vit_g14_hr"]().engine.grad_accum) == (32, 64)   # 32 and 8 per GPU
+
+
+def test_cpu_presets_keep_their_batch_and_no_global_batch():
+    """tiny, demo (the learning recipe) and learning (golden curves, the learning bench): no stated global batch."""
+    from pipelines.train.config import PRESETS as JOBS, batch_split
+
+    for name, batch in (("tiny", 8), ("demo", 32), ("learning", 32)):
+        job = JOBS[name]()
+        assert job.data.global_batch is None and job.optim.optimizer.value == "adamw"
+        split = batch_split(job)
+        assert (split.per_worker, split.grad_accum, split.workers, split.global_batch) == (batch, 1, 1, batch)
+        assert batch_split(job, local=True).global_batch == batch
+
+
+def test_a_split_that_misses_the_global_batch_is_an_error_naming_the_values(tmp_path):
+    from pipelines.train import Job, run
+    from pipelines.train.config import PRESETS as JOBS, batch_split
+    from tipsv2 import config_tree
+
+    cfg = config_tree.override(JOBS["vit_g14"](), "data.batch_size=16")
+    with pytest.raises(ValueError, match=r"data.global_batch=8192 but data.batch_size 16 x engine.grad_accum 32 x "
+                                         r"engine.workers 8 = 4096: set engine.grad_accum=64"):
+        batch_split(cfg)
+    assert batch_split(config_tree.override(cfg, "engine.grad_accum=64")).global_batch == 8192
+    with pytest.raises(ValueError, match=r"--local trains data.batch_size=32 images per step"):
+        batch_split(JOBS["vit_g14"](), local=True)
+    with pytest.raises(ValueError, match=r"global_batch must be >= data batch_size"):
+        config_tree.override(JOBS["tiny"](), "data.global_batch=4")
+    # The trainer checks before anything is written.
+    bad = config_tree.override(JOBS["tiny"](), "data.global_batch=16")
+    with pytest.raises(ValueError, match=r"data.global_batch=16 but data.batch_size 8 x engine.grad_accum 1 x "
+                                         r"engine.workers 1 = 8: set engine.grad_accum=2"):
+        run(Job.PRETRAIN, bad, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_config_shows_the_paper_recipe(capsys):
+    from pipelines import pretrain
+
+    for name, expected in (("vit_g14", (8192, 90_000)), ("vit_g14_hr", (4096, 9_000))):
+        with pytest.raises(SystemExit):
+            pretrain.main(["--config", name, "--print-config"])
+        printed = json.loads(capsys.readouterr().out)
+        assert (printed["data"]["global_batch"], printed["steps"]) == expected
+        assert printed["optim"]["optimizer"] == "adafactor"
+
+
+def test_values_from_the_readings_say_so():
+    """Every value taken from readings of the papers says it is unverified against the paper."""
+    source = Path(__file__).parents[1].joinpath("tipsv2", "configs.py").read_text()
+    body = source[source.index("GLOBAL_BATCH = {"):source.index("def _paper_presets(")]
+    readings = [line for line in body.splitlines() if "as reported in readings" in line]
+    assert len(readings) >= 10, readings
+    lines = body.splitlines()
+    for i, line in enumerate(lines):
+        if "as reported in readings" in line:
+            assert "unverified" in line + lines[i + 1] + lines[i + 2], line
+
+
 def test_every_paper_preset_value_names_its_source():
     """Each line of `_paper` that sets a value carries a comment (a source or "our choice")."""
     source = Path(__file__).parents[1].joinpath("tipsv2", "configs.py").read_text()
@@ -48,7 +133,7 @@ def test_every_paper_engine_value_names_its_source():
     source = Path(__file__).parents[1].joinpath("pipelines", "train", "config.py").read_text()
     body = source[source.index("def _paper_engine("):source.index("def engine_of(")]
     setting = [line for line in body.splitlines() if re.search(r"\w=[^=]", line)]
-    assert len(setting) == 4 and all("#" in line for line in setting), setting
+    assert len(setting) == 5 and all("#" in line for line in setting), setting
 
 
 def test_paper_presets_run_on_one_gpu_node_and_cpu_presets_on_one_cpu():

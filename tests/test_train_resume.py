@@ -8,6 +8,9 @@ from the step-2 checkpoint, so every loss must equal the reference's to 1e-6.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from pipelines.train import InjectedFaults, Job, NoFaults, latest_checkpoint, read_history, read_trainer_state, run
@@ -31,3 +34,54 @@ def test_nonfinite_loss_stops_cleanly_and_a_rerun_resumes_the_same_run(ray_local
     assert_identical(read_history(output), train_zero2_reference[1])
     # And once more: the run is complete, nothing to do.
     assert run(Job.PRETRAIN, cfg, output, faults=NoFaults())["wall_s"] == summary["wall_s"]
+
+
+ADAFACTOR_SETS = ("engine.zero_stage=2", "optim.optimizer=adafactor", "optim.lr=1e-2", "optim.weight_decay=0.002")
+
+
+def optimizer_state_keys(checkpoint: str) -> set[str]:
+    """Names of the per-tensor optimiser state in a DeepSpeed checkpoint's rank-0 optimizer file."""
+    import torch
+
+    from pipelines.train import DS_TAG
+
+    path = next((Path(checkpoint) / DS_TAG).glob("*optim_states.pt"))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    keys: set[str] = set()
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            if "state" in value and isinstance(value["state"], dict):
+                for state in value["state"].values():
+                    keys.update(state)
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(saved)
+    return keys
+
+
+def test_adafactor_is_what_the_worker_builds_and_resumes_identically(ray_local, train_cfg, tmp_path):
+    """The paper presets' optimiser through DeepSpeed ZeRO-2 (2 workers): the engine's optimizer state is
+    Adafactor's (a second moment, no exp_avg), and the run cut back to its step-2 checkpoint (a copy of its
+    output without the later one: the job died after step 2) resumes to the uninterrupted losses to 1e-6."""
+    reference, output = tmp_path / "reference", tmp_path / "resumed"
+    cfg = train_cfg(*ADAFACTOR_SETS)
+    run(Job.PRETRAIN, cfg, str(reference), faults=NoFaults())
+    keys = optimizer_state_keys(latest_checkpoint(str(reference)))
+    assert "variance" in keys and not keys & {"exp_avg", "exp_avg_sq"}, keys
+    shutil.copytree(reference, output)
+    train = output / "ray" / "train"
+    shutil.rmtree(train / "step_00000004")
+    for path in (output / "summary.json", train / "checkpoint_manager_snapshot.json"):
+        path.unlink()
+    assert read_trainer_state(latest_checkpoint(str(output))).step == 2
+    run(Job.PRETRAIN, cfg, str(output), faults=NoFaults())
+    resumed, uninterrupted = read_history(str(output)), read_history(str(reference))
+    assert_identical(resumed, uninterrupted)
+    # Steps 0-1 came back from the checkpoint (their timings too); steps 2-3 were trained again.
+    assert [r["time/step_s"] for r in resumed[:2]] == [r["time/step_s"] for r in uninterrupted[:2]]
+    assert all(a["time/step_s"] != b["time/step_s"] for a, b in zip(resumed[2:], uninterrupted[2:]))

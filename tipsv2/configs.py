@@ -5,8 +5,10 @@ A preset is a function returning the root config. Every component gets only its 
 
     python -m pipelines.pretrain --config tiny --local --output outputs/tiny      # about 30 s on 2 cores
 
-Paper sizes (`vit_s14` ... `vit_g14`) follow the TIPSv2 recipe where the paper gives a number and
-DINOv2's defaults where it does not; each has a `distill_*` twin.
+Paper sizes (`vit_s14` ... `vit_g14`, and `*_hr` for the high-resolution stage) follow the TIPSv2 recipe as
+published readings of the paper report it (global batch 8192 at 224 px and 4096 at 448 px, Adafactor, 90k + 9k
+steps; each such value says it is unverified against the paper) and DINOv2's defaults where the readings are
+silent; each has a distillation twin (DISTILL_PRESETS).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tipsv2.losses.dino import Centering, DinoLossConfig
 from tipsv2.losses.ibot import PatchLossConfig, PatchLossKind
 from tipsv2.models.config import ModelConfig, model_config
 from tipsv2.models.heads import DinoHeadConfig
-from tipsv2.optim import OptimConfig
+from tipsv2.optim import OptimConfig, Optimizer
 from tipsv2.distill import DistillTaskConfig, TeacherHeads
 from tipsv2.task import TaskConfig, TeacherConfig, TeacherMode
 
@@ -39,7 +41,10 @@ class DataConfig:
     crops: CropConfig = field(default_factory=CropConfig)
     captions: CaptionSamplingConfig = field(default_factory=CaptionSamplingConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    batch_size: int = 64                  # per worker
+    batch_size: int = 64                  # per worker and micro-batch
+    global_batch: int | None = None       # images per optimiser step over every worker and micro-batch; the
+                                          # engine's split must give it (pipelines/train/config.py batch_split);
+                                          # None: whatever batch_size x engine.grad_accum x engine.workers is
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when no image Parquet is given
     images: str | None = None             # URI of image Parquet (ingest output); None = synthetic scenes
     captions_uri: str | None = None       # URI of caption Parquet (caption output), joined by id
@@ -50,6 +55,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"data batch_size must be >= 1, got {self.batch_size}")
+        if self.global_batch is not None and self.global_batch < self.batch_size:
+            raise ValueError(f"data global_batch must be >= data batch_size ({self.batch_size}) or null, "
+                             f"got {self.global_batch}")
 
 
 class Precision(str, enum.Enum):
@@ -109,13 +117,13 @@ def tiny() -> PretrainConfig:
     )
 
 
-# Sources of the paper-size values below. "release": google-deepmind/tips (README model table; the TIPSv2
-# checkpoints' 32x32 position grid, i.e. 448 px at patch 14; TIPS v1 shipped separate low- and
-# high-resolution g/14 checkpoints). "DINOv2": facebookresearch/dinov2 configs/ssl_default_config.yaml and
-# configs/train/vitg14.yaml, the default where the TIPS papers are silent (DESIGN.md). "DESIGN": the
-# project's reading of the TIPSv2 paper (arXiv 2604.12012, section 3), not re-read in the session that
-# wrote these comments (the paper text was not reachable offline): check it before a long run.
-# "our choice": no source; the reason is given.
+# Sources of the paper-size values below. "readings": published readings of the TIPSv2 paper (arXiv 2604.12012
+# v1: its tables and implementation details) and of TIPS v1, written down from those readings: nobody here
+# has read the PDFs, so each such value says "unverified against the paper"; check them before a long run.
+# "release": google-deepmind/tips (README model table; the TIPSv2 checkpoints' 32x32 position grid, i.e. 448 px
+# at patch 14; TIPS v1 shipped separate low- and high-resolution g/14 checkpoints). "DINOv2":
+# facebookresearch/dinov2 configs/ssl_default_config.yaml and configs/train/vitg14.yaml, the default where the
+# readings are silent (DESIGN.md). "our choice": no source; the reason is given.
 
 
 class Stage(str, enum.Enum):
@@ -148,45 +156,77 @@ def demo() -> PretrainConfig:
     return learning()
 
 
+# Images per optimiser step over all GPUs, micro-batches and accumulation: what the contrastive loss sees once
+# accumulation is feature-cached (DESIGN.md). How it is split is the engine's (pipelines/train/config.py).
+GLOBAL_BATCH = {Stage.LOW_RES: 8192,    # as reported in readings of TIPSv2 (implementation details: 224 px);
+                                        # unverified against the paper
+                Stage.HIGH_RES: 4096}   # as reported in readings of TIPSv2 (implementation details: 336/448 px);
+                                        # unverified against the paper
+STEPS = {Stage.LOW_RES: 90_000,         # as reported in readings of TIPSv2 (implementation details: 90k steps at
+                                        # low resolution; its g/14 ablations train 100k at 224 px); unverified
+         Stage.HIGH_RES: 9_000}         # as reported in readings of TIPSv2 (implementation details: 9k steps at
+                                        # high resolution); unverified against the paper
+
+
 def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float,
            stage: Stage = Stage.LOW_RES) -> PretrainConfig:
-    """The recipe at a paper size; `batch_size` is per GPU of the engine `pipelines/train/config.py` gives
-    these presets (one 8-GPU node in bf16). Stage LOW_RES trains from scratch at 224 px; stage HIGH_RES (the
+    """The recipe at a paper size. `data.global_batch` is the paper's; `batch_size` is the micro-batch per GPU
+    that fits the engine `pipelines/train/config.py` gives these presets (8 GPUs in bf16), which derives its
+    gradient accumulation from the two. Stage LOW_RES trains from scratch at 224 px; stage HIGH_RES (the
     `*_hr` presets) continues at 448 px from its export: `--set init=<low-res output>/export`."""
     high = stage == Stage.HIGH_RES
     model = model_config(name, image_size=448,      # release: 32x32 position grid; interpolated at 224 px
                          drop_path=drop_path)       # DINOv2: 0.3 (ssl_default), 0.4 at g/14 (vitg14.yaml)
     crops = (CropConfig.high_resolution() if high   # 448 px global (release), 140 px local: our choice, x1.43 like 98 -> 140
              else CropConfig())                     # DINOv2: 224 px global, 98 px local at patch 14 (vitg14.yaml)
+    # Teacher targets: the EMA center of TIPS v1 Eq. 1, (p_t - c) / tau_t, as reported in readings of TIPS v1
+    # (Eq. 1); unverified against the paper. At a global batch of 8192 the center is a mean over thousands of
+    # images per step, so the collapse seen with the EMA center at batch 8 (tiny's docstring) does not apply;
+    # Sinkhorn-Knopp stays available: --set task.dino.centering=sinkhorn_knopp (and task.patch.centering).
+    center = Centering.CENTER
     task = TaskConfig(
         model=model,
-        head=DinoHeadConfig(),                      # 32768 prototypes: our choice (DINOv2 uses 65536, 131072 at
-                                                    # g/14); kept so that bench/results/train.json stays comparable
-        dino=DinoLossConfig(weight=1.0,             # DESIGN: L = contrastive + 1.0 DINO + 2.0 iBOT++
+        head=DinoHeadConfig(),                      # 32768 prototypes as reported in readings of TIPS v1
+                                                    # (implementation details); unverified against the paper
+        dino=DinoLossConfig(weight=1.0,             # alpha = 1 as reported in readings of TIPS v1 Appendix A.2;
+                                                    # unverified against the paper (DESIGN: L = contrastive +
+                                                    # 1.0 DINO + 2.0 iBOT++, contrastive the mean of two CLS terms)
                             local_crops=crops.local_crops,   # DESIGN: M = 6 local crops (DINOv2: 8)
-                            centering=Centering.SINKHORN_KNOPP),  # DINOv2 vitg14.yaml; the EMA center in ssl_default
-        patch=PatchLossConfig(weight=2.0,           # DESIGN
+                            centering=center),      # TIPS v1 Eq. 1 (above)
+        patch=PatchLossConfig(weight=2.0,           # beta = 2 as reported in readings of TIPS v1 Appendix A.2;
+                                                    # unverified against the paper
                               kind=PatchLossKind.IBOT_PLUS_PLUS,  # DESIGN: TIPSv2's iBOT++
-                              centering=Centering.SINKHORN_KNOPP),    # DINOv2 vitg14.yaml, as for DINO
-        teacher=TeacherConfig(mode=TeacherMode.HEAD_ONLY_EMA,  # DESIGN: TIPSv2's head-only EMA
+                              centering=center),    # TIPS v1 Eq. 1 (above), as for DINO
+        teacher=TeacherConfig(mode=TeacherMode.HEAD_ONLY_EMA,  # as reported in readings of TIPSv2 (its
+                                                               # head-only EMA); unverified against the paper
                               momentum=0.994),      # DINOv2 vitg14.yaml (0.992 in ssl_default), cosine to 1.0
     )
-    data = DataConfig(crops=crops, batch_size=batch_size,    # per GPU: our choice, what fits an 80 GB GPU in
-                                                             # bf16 (bench/results/train.json memory model)
-                      masking=MaskingConfig(ratio=0.75))     # DESIGN: 75 % of the student's patches
-    optim = OptimConfig(lr=1e-4 if high else 5e-4,           # our choice: no paper value read; lower for the
-                                                             # short high-res stage that continues a trained model
-                        warmup_steps=1_000 if high else 10_000,   # our choice (DINOv2 warms up 10 of 100 epochs)
-                        weight_decay=0.04,                   # DINOv2 (ssl_default, start of its schedule)
+    data = DataConfig(crops=crops,                           # the stage's crops (above)
+                      global_batch=GLOBAL_BATCH[stage],      # readings of TIPSv2 (GLOBAL_BATCH above)
+                      batch_size=batch_size,                 # per GPU and micro-batch: our choice, what fits an
+                                                             # 80 GB GPU in bf16 (tipsv2.memory, pipelines.plan)
+                      masking=MaskingConfig(ratio=0.75))     # 75 % random masking kept for iBOT++, as reported in
+                                                             # readings of TIPSv2 Table 12; unverified
+    optim = OptimConfig(optimizer=Optimizer.ADAFACTOR,       # as reported in readings of TIPSv2 (implementation
+                                                             # details); unverified. torch.optim.Adafactor: no
+                                                             # first moment, factored second moments
+                        lr=2e-3 if high else 1e-2,           # our choice: torch's Adafactor default (1e-2, the
+                                                             # relative-step cap of Shazeer & Stern 2018): its step is
+                                                             # lr x each parameter's RMS, not an AdamW lr; no paper
+                                                             # value read; a fifth for the high-res continuation
+                        warmup_steps=1_000 if high else 10_000,   # our choice: ~11 % of the steps (DINOv2 warms up
+                                                                  # 10 of 100 epochs)
+                        weight_decay=0.002,                  # our choice: torch's Adafactor decays lr x weight_decay
+                                                             # per step: 1e-2 x 0.002 = 2e-5 at peak, what DINOv2's
+                                                             # AdamW 0.04 gave at lr 5e-4
                         layer_decay=layer_decay,             # DINOv2: 0.9 (ssl_default), 1.0 at g/14 (vitg14.yaml)
                         clip_grad=3.0)                       # DINOv2 (ssl_default)
     return PretrainConfig(task=task, data=data, optim=optim,
-                          steps=50_000 if high else 500_000,  # our choice: 10 % at high resolution, as TIPS v1
-                                                              # trained g/14 at low then high resolution (release)
+                          steps=STEPS[stage],                 # readings of TIPSv2 (STEPS above)
                           log_every=50)                       # our choice: metrics every 50 steps
 
 
-PAPER_SIZES = {  # name: (batch per GPU, layer decay, drop path)
+PAPER_SIZES = {  # name: (micro-batch per GPU at 224 px, layer decay, drop path); the global batch is GLOBAL_BATCH
     "vit_s14": (128, 1.0, 0.3), "vit_b14": (128, 1.0, 0.3), "vit_l14": (64, 0.9, 0.3),
     "vit_so400m14": (32, 0.9, 0.3), "vit_g14": (32, 1.0, 0.4),
 }

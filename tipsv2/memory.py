@@ -6,10 +6,12 @@ the planner (`pipelines/plan.py`), the memory bench (`bench/train.py`) and its t
     model_state_bytes(count, MemoryInputs(stage=2, workers=8, precision=Precision.BF16))   # bytes per worker
 
 Model state, per trained parameter: weights and gradients (4 + 4 bytes in fp32, 2 + 2 in bf16/fp16),
-DeepSpeed's fp32 master (4; at ZeRO 1-3 a copy even in fp32, none at ZeRO-0 in fp32) and the AdamW moments
-(8); per frozen parameter (the EMA heads, distillation's teacher) its weights (4 or 2), plus in 16-bit
-training the EMA's float32 masters (4, whole on every rank). ZeRO-1 shards masters and moments, ZeRO-2
-also the gradients, ZeRO-3 also the weights. Measured with DeepSpeed 0.19.8 (bench/results/train.json,
+DeepSpeed's fp32 master (4; at ZeRO 1-3 a copy even in fp32, none at ZeRO-0 in fp32) and the optimiser state
+(`optimizer_state_bytes`: AdamW's two moments, 8; torch Adafactor's second moments, factored per matrix where
+it sees whole parameters, one 4-byte vector over DeepSpeed's flat partitions at ZeRO 1-3); per frozen
+parameter (the EMA heads, distillation's teacher) its weights (4 or 2), plus in 16-bit training the EMA's
+float32 masters (4, whole on every rank). ZeRO-1 shards masters and moments, ZeRO-2 also the gradients,
+ZeRO-3 also the weights. Measured with DeepSpeed 0.19.8 (bench/results/train.json,
 B/14, 2 workers): ZeRO-1 holds no more than ZeRO-2 at grad_accum 1 (it reduces and drops the gradients
 it does not own before `backward` returns), and full gradients plus one reduce bucket between micro-steps
 at grad_accum > 1; ZeRO-3 holds one all-gather bucket (`engine.bucket_size` elements) on top.
@@ -32,6 +34,7 @@ from tipsv2.models.config import FFN, ModelConfig, VisionConfig
 from tipsv2.models.heads import DinoHead, DinoHeadConfig
 from tipsv2.models.model import TIPSModel
 from tipsv2.models.vision import swiglu_hidden
+from tipsv2.optim import Optimizer
 from tipsv2.task import ContrastiveView, TaskConfig, TIPSv2Task
 
 GiB = 2 ** 30
@@ -42,6 +45,18 @@ class ParameterCount:
     trained: int    # in the optimiser
     frozen: int     # outside it: EMA teacher heads (and encoder under full EMA), distillation's teacher
     ema: int        # of `frozen`, those the EMA averages (float32 masters in 16-bit training)
+    factored: int = 0   # elements of Adafactor's second moments over the trained parameters kept whole
+                        # (adafactor_elements); 0: not counted
+    tensors: int = 0    # trained parameter tensors (Adafactor keeps a float32 step per tensor it sees)
+
+
+def adafactor_elements(shape: tuple[int, ...]) -> int:
+    """Elements torch.optim.Adafactor keeps for one parameter's second moments: with 2 or more dimensions a
+    row vector (the shape without its last dimension) and a column vector (without the one before), else
+    one element per parameter element (torch 2.x `row_var`, `col_var`, `variance`)."""
+    if len(shape) < 2:
+        return math.prod(shape)
+    return math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +67,7 @@ class MemoryInputs:
     precision: Precision = Precision.FP32
     grad_accum: int = 1
     bucket_size: int = 50_000_000           # elements per ZeRO bucket (engine.bucket_size)
+    optimizer: Optimizer = Optimizer.ADAMW  # optim.optimizer
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -90,9 +106,11 @@ def task_parameter_count(task_cfg: TaskConfig | DistillTaskConfig, teacher: Mode
         task = build_meta_task(task_cfg, teacher)
     unique = {id(p): p for p in task.parameters()}.values()
     ema_ids = {id(p) for module, _ in task.ema_pairs() for p in module.parameters()}
-    return ParameterCount(trained=sum(p.numel() for p in unique if p.requires_grad),
+    trained = [p for p in unique if p.requires_grad]
+    return ParameterCount(trained=sum(p.numel() for p in trained),
                           frozen=sum(p.numel() for p in unique if not p.requires_grad),
-                          ema=sum(p.numel() for p in unique if id(p) in ema_ids))
+                          ema=sum(p.numel() for p in unique if id(p) in ema_ids),
+                          factored=sum(adafactor_elements(tuple(p.shape)) for p in trained), tensors=len(trained))
 
 
 def build_meta_task(task_cfg: TaskConfig | DistillTaskConfig, teacher: ModelConfig | None) -> torch.nn.Module:
@@ -108,13 +126,30 @@ def low_bytes(precision: Precision) -> int:
     return 4 if precision == Precision.FP32 else 2
 
 
+def optimizer_state_bytes(count: ParameterCount, inputs: MemoryInputs) -> float:
+    """Bytes of optimiser state over all ranks (ZeRO 1-3 shard it by `inputs.workers`; model_state_bytes).
+    AdamW: two float32 moments per parameter. torch Adafactor, no first moment: at ZeRO-0 DeepSpeed hands it
+    whole parameters (measured with DeepSpeed 0.19.8: fp32, and bf16 through FP16_UnfusedOptimizer), so it
+    keeps factored float32 second moments and a float32 step per tensor; at ZeRO 1-3 it gets DeepSpeed's flat
+    float32 partitions, 1-D, so one unfactored float32 vector per parameter element (a step per partition,
+    not counted)."""
+    if inputs.optimizer == Optimizer.ADAMW:
+        return 8 * count.trained
+    if inputs.stage == 0:
+        if count.tensors == 0:
+            raise ValueError("Adafactor's factored state needs the parameter shapes: a ParameterCount from "
+                             "parameter_count (factored and tensors), got one without them")
+        return 4 * count.factored + 4 * count.tensors
+    return 4 * count.trained
+
+
 def model_state_bytes(count: ParameterCount, inputs: MemoryInputs) -> float:
     """Weights, gradients, optimiser state and ZeRO buffers held per worker (bytes)."""
     low, w = low_bytes(inputs.precision), inputs.workers
     trained, frozen = count.trained, count.frozen
     weights, grads, teacher = low * trained, low * trained, low * frozen
     masters = 4 * trained if (inputs.stage > 0 or inputs.precision != Precision.FP32) else 0
-    moments = 8 * trained
+    moments = optimizer_state_bytes(count, inputs)
     ema_masters = 0 if inputs.precision == Precision.FP32 else 4 * count.ema
     bucket = low * inputs.bucket_size
     if inputs.stage == 0:

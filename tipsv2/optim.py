@@ -33,7 +33,7 @@ class OptimConfig:
     min_lr: float = 1e-6             # at the end of the cosine
     warmup_steps: int = 10
     weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)   # AdamW's; Adafactor keeps torch's defaults
     layer_decay: float = 1.0         # lr scale per block below the top of its tower (1.0: off; DINOv2 uses 0.9 for large models)
     layer_decay_text: bool = True    # False: the text tower trains at the full lr (layer decay on the vision tower only)
     clip_grad: float = 3.0           # max global gradient norm (0: off)
@@ -112,6 +112,16 @@ def learning_rate(step: int, *, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def build_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The configured optimiser on `param_groups`' groups: the one function the local loop (tipsv2.loop) and
+    the DeepSpeed worker (pipelines/train/worker.py) both call.
+
+    Adafactor is torch.optim.Adafactor: no first moment; for a parameter of 2 or more dimensions, second
+    moments factored over its last two (a row and a column vector), else one full vector; its step is lr x the
+    parameter's RMS, and it decays weights by lr x weight_decay per step. Under DeepSpeed ZeRO 1-3 it is handed
+    DeepSpeed's flat float32 partitions (one 1-D tensor per group and rank), so there it keeps one unfactored
+    second-moment vector per partition (4 bytes per parameter, sharded) and takes the RMS over the partition,
+    not per parameter: the same optimiser, not the same numbers as the local loop (tipsv2.memory counts both).
+    """
     torch_groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     if cfg.optimizer == Optimizer.ADAFACTOR:
         return torch.optim.Adafactor(torch_groups, lr=cfg.lr)

@@ -13,6 +13,7 @@ One file per concern; imports run driver -> worker -> the rest -> tipsv2:
     driver.py      run: resume or skip, config, data, tokenizer, MLflow run, TorchTrainer.fit, summary
     local.py       --local: tipsv2.loop's loops in this process, exported as rank 0 does
     worker.py      Worker (one Ray Train rank: engine, steps, checkpoints, export) and train_worker
+    accumulate.py  one optimiser step over its micro-batches, the contrastive loss over all of them (GradCache)
     zero.py        every DeepSpeed fact: its config, `Zero` (what the stage means), masters, 0.19 patches
     checkpoint.py  checkpoint layout, trainer and RNG state, EMA teacher tensors, history
     jobs.py        Job and its TrainJob (PretrainJob, DistillJob: build_task, train_local, export_parts,

@@ -4,8 +4,10 @@ workers, DeepSpeed ZeRO, precision, checkpoints) and where it is recorded (`trac
     cfg = preset("vit_b14")                 # PretrainJobConfig: every recipe field, plus engine and tracking
     tipsv2.loop.train_local(cfg, ...)       # a job config is a recipe, so the library's loops take it as is
 
-Presets are the library's, each given an engine: the paper sizes one 8-GPU node in bf16, the CPU presets
-one CPU worker in fp32.
+Presets are the library's, each given an engine: the paper sizes one 8-GPU node in bf16, with the gradient
+accumulation that turns their micro-batch per GPU into the global batch they state (`data.global_batch`);
+the CPU presets one CPU worker in fp32. `batch_split(cfg)` checks global = per-worker batch x grad_accum x
+workers before a job starts (and in the planner): a `--set` that breaks it is an error naming the values.
 """
 
 from __future__ import annotations
@@ -62,19 +64,66 @@ class DistillJobConfig(DistillConfig, JobFields):
 JobConfig = PretrainJobConfig | DistillJobConfig
 
 
-def _paper_engine(zero_stage: int) -> EngineConfig:
+@dataclass(frozen=True, kw_only=True)
+class BatchSplit:
+    """How a step's global batch is split: `per_worker` images per micro-batch on each of `workers` ranks,
+    `grad_accum` micro-batches per optimiser step."""
+    per_worker: int
+    grad_accum: int
+    workers: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_worker * self.grad_accum * self.workers
+
+
+def accumulation_for(global_batch: int, *, per_worker: int, workers: int) -> int:
+    """The grad_accum that makes per_worker x grad_accum x workers equal global_batch; ValueError if none does."""
+    micro = per_worker * workers
+    if global_batch % micro:
+        raise ValueError(f"global batch {global_batch} is not a multiple of data.batch_size {per_worker} x "
+                         f"engine.workers {workers} = {micro}; choose a batch size or worker count that divides it")
+    return global_batch // micro
+
+
+def batch_split(cfg: PretrainConfig | DistillConfig, *, local: bool = False) -> BatchSplit:
+    """The split of `cfg`'s global batch; ValueError naming the values when it does not give `data.global_batch`.
+    `local`: the single-process loop, which trains data.batch_size images per step (no workers, no accumulation)."""
+    engine = getattr(cfg, "engine", EngineConfig())
+    split = (BatchSplit(per_worker=cfg.data.batch_size, grad_accum=1, workers=1) if local else
+             BatchSplit(per_worker=cfg.data.batch_size, grad_accum=engine.grad_accum, workers=engine.workers))
+    wanted = cfg.data.global_batch
+    if wanted is None or wanted == split.global_batch:
+        return split
+    if local:
+        raise ValueError(f"data.global_batch={wanted} but --local trains data.batch_size={split.per_worker} images "
+                         f"per step (one process, no accumulation); set data.batch_size={wanted} or "
+                         f"data.global_batch=null")
+    hint = (f"set engine.grad_accum={wanted // (split.per_worker * split.workers)}"
+            if wanted % (split.per_worker * split.workers) == 0 else
+            "choose data.batch_size and engine.workers whose product divides it")
+    raise ValueError(f"data.global_batch={wanted} but data.batch_size {split.per_worker} x engine.grad_accum "
+                     f"{split.grad_accum} x engine.workers {split.workers} = {split.global_batch}: {hint} "
+                     f"(or data.global_batch={split.global_batch})")
+
+
+def _paper_engine(zero_stage: int, grad_accum: int) -> EngineConfig:
     return EngineConfig(workers=8, use_gpu=True,                # one 8-GPU node (cluster/aws.yaml p5 / gcp a3)
                         precision=Precision.BF16,               # our choice: bf16 keeps float32 masters (README)
                         zero_stage=zero_stage,                  # bench/results/train.json: ZeRO-3 only for g/14
+                        grad_accum=grad_accum,                  # derived: the preset's data.global_batch
                         checkpoint_every=2000)                  # our choice: a lost node costs under 2000 steps
 
 
-def engine_of(preset_name: str) -> EngineConfig:
-    """The engine a preset runs on: the paper sizes (and their `_hr` stages) on one GPU node, the rest on CPU."""
+def engine_of(preset_name: str, recipe: PretrainConfig | DistillConfig) -> EngineConfig:
+    """The engine a preset runs on: the paper sizes (and their `_hr` stages) on one GPU node, accumulating
+    micro-batches up to the recipe's global batch; the rest on CPU."""
     size = preset_name.removesuffix("_hr")
-    if size in recipes.PAPER_SIZES:
-        return _paper_engine(zero_stage=3 if size == "vit_g14" else 2)
-    return EngineConfig()
+    if size not in recipes.PAPER_SIZES:
+        return EngineConfig()
+    workers = _paper_engine(zero_stage=0, grad_accum=1).workers
+    accum = accumulation_for(recipe.data.global_batch, per_worker=recipe.data.batch_size, workers=workers)
+    return _paper_engine(zero_stage=3 if size == "vit_g14" else 2, grad_accum=accum)
 
 
 def job_config(recipe: PretrainConfig | DistillConfig, engine: EngineConfig = EngineConfig(),
@@ -85,10 +134,14 @@ def job_config(recipe: PretrainConfig | DistillConfig, engine: EngineConfig = En
     return root(**values, engine=engine, tracking=tracking)
 
 
+def _with_engine(name: str, recipe: PretrainConfig | DistillConfig) -> JobConfig:
+    return job_config(recipe, engine_of(name, recipe))
+
+
 PRESETS: dict[str, Callable[[], PretrainJobConfig]] = {
-    name: (lambda name=name: job_config(recipes.PRESETS[name](), engine_of(name))) for name in recipes.PRESETS}
+    name: (lambda name=name: _with_engine(name, recipes.PRESETS[name]())) for name in recipes.PRESETS}
 DISTILL_PRESETS: dict[str, Callable[[], DistillJobConfig]] = {
-    name: (lambda name=name: job_config(recipes.DISTILL_PRESETS[name](), engine_of(name)))
+    name: (lambda name=name: _with_engine(name, recipes.DISTILL_PRESETS[name]()))
     for name in recipes.DISTILL_PRESETS}
 
 

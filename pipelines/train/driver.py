@@ -28,7 +28,7 @@ from pipelines.train.jobs import Faults, InjectedFaults, Job, Plan
 from pipelines.train.local import train_here
 from pipelines.train.worker import train_worker
 from tipsv2 import config_tree
-from pipelines.train.config import JobConfig
+from pipelines.train.config import JobConfig, batch_split
 from tipsv2.loop import NonFiniteLoss
 from tipsv2.tokenizer import train_tokenizer
 
@@ -112,6 +112,7 @@ def check_same_config(output: str, cfg: JobConfig, *, resuming: bool) -> None:
 def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: Faults | None = None) -> dict[str, Any]:
     """Train `cfg` into `output` (local path or s3://); resumes or skips a previous run there."""
     clock = cli.Stopwatch()
+    batch_split(cfg, local=local)   # a split that does not give data.global_batch fails here, naming the values
     previous = cli.done_before(storage.join(output, cli.SUMMARY_FILE), cfg)
     if previous is not None and previous.get("complete"):
         print(f"{job.value}: {output} already holds a finished run of this config; nothing to do")

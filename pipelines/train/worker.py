@@ -34,7 +34,7 @@ from tipsv2.configs import Precision, model_config_of
 from tipsv2.flops import flops_per_example, peak_flops
 from tipsv2.loop import NonFiniteLoss, scalars
 from tipsv2.losses.contrastive import identity
-from tipsv2.optim import TowerDepths, learning_rate, param_groups
+from tipsv2.optim import TowerDepths, build_optimizer, learning_rate, param_groups
 from tipsv2.tokenizer import Tokenizer
 
 
@@ -81,15 +81,15 @@ class Worker:
         return self.plan.job.train.build_task(self.cfg, rank=self.rank, **(collectives if self.world > 1 else {}))
 
     def _init_engine(self):
-        """(engine, its optimizer, the lr scale of each param group): torch AdamW on tipsv2.optim's groups,
-        wrapped by deepspeed.initialize."""
+        """(engine, its optimizer, the lr scale of each param group): the configured optimizer (AdamW or
+        Adafactor) built on tipsv2.optim's groups by the function the local loop uses, wrapped by
+        deepspeed.initialize."""
         import deepspeed
 
         groups = param_groups(self.task.trainable_parameters(), self.cfg.optim,
                               depths=TowerDepths.of(model_config_of(self.cfg)))
         scales = [g["lr_scale"] for g in groups]
-        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                      lr=self.cfg.optim.lr, betas=self.cfg.optim.betas)
+        optimizer = build_optimizer(groups, self.cfg.optim)
         config = deepspeed_config(self.cfg.engine, batch_size=self.cfg.data.batch_size,
                                   clip_grad=self.cfg.optim.clip_grad, world=self.world)
         self.zero.patch_deepspeed()

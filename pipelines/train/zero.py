@@ -77,7 +77,7 @@ def deepspeed_config(engine: EngineConfig, *, batch_size: int, clip_grad: float,
                               "stage3_prefetch_bucket_size": engine.bucket_size},
         "bf16": {"enabled": engine.precision == Precision.BF16},
         "fp16": {"enabled": engine.precision == Precision.FP16, "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,     # torch AdamW with per-group lr_scale
+        "zero_allow_untested_optimizer": True,     # torch AdamW or Adafactor with per-group lr_scale
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
