@@ -11,7 +11,7 @@ import torch
 
 from tipsv2.configs import distill_preset
 from tipsv2.data.synthetic import SyntheticConfig
-from tipsv2.distill import TeacherHeads
+from tipsv2.distill import StudentText, TeacherHeads
 from tipsv2.distill_loop import build_distill_task, distill_local
 from tipsv2.loop import endless, fit_tokenizer, synthetic_records
 from tipsv2.models import build_model
@@ -104,3 +104,26 @@ def test_released_encoder_without_heads(setup):
     with pytest.raises(ValueError, match="teacher_heads='random'"):
         distill_local(replace(cfg, task=replace(cfg.task, teacher_heads=TeacherHeads.REUSE)), teacher=teacher,
                       teacher_heads=None, records=records, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("start", [StudentText.FROM_TEACHER, StudentText.FROZEN_TEACHER])
+def test_the_student_text_tower_can_start_from_the_teachers_trained_or_frozen(setup, start):
+    """The paper's Table 2 ablation: the student's text tower from the teacher's, then trained or frozen."""
+    cfg, records, tokenizer, teacher, heads = setup
+    cfg = replace(cfg, task=replace(cfg.task, student_text=start, student=teacher.cfg))
+    task = build_distill_task(cfg, teacher=teacher, teacher_heads=heads)
+    assert same(state(task.student.text), state(teacher.text))
+    trainable = {n for n, _ in task.trainable_parameters()}
+    assert any(n.startswith("student.vision.") for n in trainable)
+    assert any(n.startswith("student.text.") for n in trainable) == (start == StudentText.FROM_TEACHER)
+    result = distill_local(cfg, teacher=teacher, teacher_heads=heads, records=records, tokenizer=tokenizer)
+    assert same(state(result.task.student.text), state(teacher.text)) == (start == StudentText.FROZEN_TEACHER)
+
+
+def test_a_student_text_tower_of_another_shape_cannot_start_from_the_teachers(setup):
+    cfg, _, _, teacher, heads = setup
+    student = replace(teacher.cfg, text=replace(teacher.cfg.text, depth=teacher.cfg.text.depth + 1))
+    cfg = replace(cfg, task=replace(cfg.task, student_text=StudentText.FROM_TEACHER, student=student))
+    with pytest.raises(ValueError, match="student_text=from_teacher copies the teacher's text tower, which needs "
+                                         "the same text config"):
+        build_distill_task(cfg, teacher=teacher, teacher_heads=heads)

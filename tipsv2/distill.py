@@ -35,6 +35,14 @@ class TeacherHeads(str, enum.Enum):
     RANDOM = "random"  # fixed random heads: for released encoders, which ship without heads
 
 
+class StudentText(str, enum.Enum):
+    """Where the student's text tower starts (the TIPSv2 paper's Table 2 ablation, as reported in readings of
+    it: training or freezing the student's text tower makes little difference; unverified against the paper)."""
+    RANDOM = "random"                  # random init and trained, like the student's image tower (default)
+    FROM_TEACHER = "from_teacher"      # the teacher's text tower as the start, trained
+    FROZEN_TEACHER = "frozen_teacher"  # the teacher's text tower, frozen: only the image side learns the texts
+
+
 @dataclass(frozen=True, kw_only=True)
 class DistillTaskConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -44,6 +52,7 @@ class DistillTaskConfig:
     contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
     dino: DinoLossConfig = field(default_factory=DinoLossConfig)
     patch: PatchLossConfig = field(default_factory=PatchLossConfig)
+    student_text: StudentText = StudentText.RANDOM
 
 
 class DistillTask(nn.Module):
@@ -73,6 +82,7 @@ class DistillTask(nn.Module):
                           "randomly initialised student distils better (its patch-text alignment exceeds the "
                           "teacher's); pass student=None for the recommended setting", stacklevel=2)
             self.student = student
+        self._start_text_tower(cfg.student_text, teacher)
         s_head = DinoHeadConfig(prototypes=prototypes, hidden=cfg.head.hidden, bottleneck=cfg.head.bottleneck,
                                 layers=cfg.head.layers)
         self.dino_head = DinoHead(self.student.width, s_head)
@@ -81,6 +91,18 @@ class DistillTask(nn.Module):
             self.sigmoid_bias = nn.Parameter(torch.tensor(cfg.contrastive.sigmoid_bias_init))
         self.register_buffer("dino_center", torch.zeros(prototypes))
         self.register_buffer("patch_center", torch.zeros(prototypes))
+
+    @torch.no_grad()
+    def _start_text_tower(self, start: StudentText, teacher: TIPSModel) -> None:
+        """The student's text tower from the teacher's (StudentText): same shapes required; frozen if asked."""
+        if start == StudentText.RANDOM:
+            return
+        if teacher.cfg.text != self.student.cfg.text:
+            raise ValueError(f"student_text={start.value} copies the teacher's text tower, which needs the same text "
+                             f"config: teacher {teacher.cfg.text}, student {self.student.cfg.text}")
+        self.student.text.load_state_dict(teacher.text.state_dict())
+        if start == StudentText.FROZEN_TEACHER:
+            self.student.text.requires_grad_(False)
 
     @torch.no_grad()
     def teacher_output(self, *, batch: Batch, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
