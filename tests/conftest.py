@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 # left in the home directory hid a failure once) can neither hide a failure nor be changed by a test. Everything
 # lives under FRESH, removed at the end. Short path: Ray's socket paths under its temp dir must fit in 107 bytes.
 FRESH = Path(tempfile.mkdtemp(prefix="tt", dir="/tmp"))
+REPOSITORY = Path(__file__).resolve().parents[1]
 USER_STATE = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI",
               "AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "HF_HOME", "HF_HUB_CACHE",
               "TRANSFORMERS_CACHE", "TORCH_HOME", "TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
@@ -40,6 +42,29 @@ os.environ.update(fresh_machine(FRESH))
 
 def pytest_unconfigure(config):
     shutil.rmtree(FRESH, ignore_errors=True)
+
+
+LEFT_ALONE = (".venv/", ".pytest_cache/", "__pycache__/", ".egg-info/")   # what running Python itself writes
+
+
+def repository_changes() -> set[str] | None:
+    """Paths git sees as changed, untracked or ignored in the repository (None without git or a .git)."""
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPOSITORY,
+                          capture_output=True, text=True)
+    if done.returncode:
+        return None
+    return {line for line in done.stdout.splitlines() if not any(part in line for part in LEFT_ALONE)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_left_as_found():
+    """The suite writes nothing into the repository (an MLflow experiment without an artifact location put its
+    artifacts in ./mlruns once): every file a test makes goes under a temp dir."""
+    before = repository_changes()
+    yield
+    after = repository_changes()
+    if before is not None and after is not None:
+        assert after <= before, f"the tests left these in the repository: {sorted(after - before)}"
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -53,11 +53,13 @@ def mlflow_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def pretrain_run(mlflow_uri) -> str:
-    """A run standing in for the pretraining run that the evaluation attaches to."""
+def pretrain_run(mlflow_uri, tmp_path_factory) -> str:
+    """A run standing in for the pretraining run that the evaluation attaches to (its artifacts beside the
+    store: MLflow's default, ./mlruns, would write into the repository)."""
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=mlflow_uri)
-    run = client.create_run(client.create_experiment("pretrain"), run_name="pretrain")
+    artifacts = (tmp_path_factory.mktemp("mlartifacts")).as_uri()
+    run = client.create_run(client.create_experiment("pretrain", artifact_location=artifacts), run_name="pretrain")
     client.log_param(run.info.run_id, "checkpoint", "unrelated")   # an existing param must not be overwritten
     client.set_terminated(run.info.run_id)
     return run.info.run_id
