@@ -168,10 +168,7 @@ class MlflowSink:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:") and output_root and "://" not in output_root:
-            location = (Path(output_root).resolve() / "mlartifacts").as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+        return self.client.create_experiment(name, artifact_location=artifact_location(self.uri, output_root))
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -218,6 +215,18 @@ class MlflowSink:
             log.warning("MLflow %s not logged to %s (%s: %s); training goes on", what, redact_uri(self.uri),
                         type(err).__name__, str(err)[:200])
             return False
+
+
+def artifact_location(uri: str, output_root: str | None) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: under a local output, else beside the database
+    file. MLflow's own default is ./mlruns of whatever directory the process runs in (runs' exports and plots
+    scattered into the working directory, a repository's too); a server or a remote store decides for itself."""
+    if not uri.startswith("sqlite:"):
+        return None
+    if output_root and "://" not in output_root:
+        return (Path(output_root).resolve() / "mlartifacts").as_uri()
+    database = Path(uri.removeprefix("sqlite:///"))   # sqlite:////abs/x.db -> /abs/x.db; sqlite:///x.db -> x.db
+    return (database.resolve().parent / "mlartifacts").as_uri()
 
 
 def open_sink(cfg: TrackingConfig, *, output_root: str | None, rank: int = 0, run_id: str | None = None,

@@ -317,3 +317,14 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "interrupted; what was written to /tmp/o is kept" in err
     assert "run the same command again" in err
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_its_output_or_its_database(tmp_path):
+    """Never MLflow's default ./mlruns of the working directory (runs' exports scattered into a repository)."""
+    from pipelines.tracking import artifact_location
+
+    db = tmp_path / "db" / "mlflow.db"
+    assert artifact_location(f"sqlite:///{db}", str(tmp_path / "out")) == (tmp_path / "out" / "mlartifacts").as_uri()
+    assert artifact_location(f"sqlite:///{db}", "s3://bucket/run") == (tmp_path / "db" / "mlartifacts").as_uri()
+    assert artifact_location(f"sqlite:///{db}", None) == (tmp_path / "db" / "mlartifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000", str(tmp_path)) is None   # the server decides
