@@ -54,7 +54,7 @@ def trainable(task) -> dict[str, torch.Tensor]:
 
 CASES = (Case(zero_stage=0, batch=8, grad_accum=4), Case(zero_stage=0, batch=32, grad_accum=1),
          Case(zero_stage=2, batch=8, grad_accum=4), Case(zero_stage=2, batch=32, grad_accum=1),
-         Case(zero_stage=2, batch=8, grad_accum=4, cached=False))
+         Case(zero_stage=3, batch=8, grad_accum=4), Case(zero_stage=2, batch=8, grad_accum=4, cached=False))
 
 
 def rank_main(rank: int, port: int, out: str) -> None:
@@ -89,17 +89,20 @@ def one_case(rank: int, case: Case, out: Path) -> None:
     optimizer = torch.optim.SGD([p for p in task.parameters() if p.requires_grad], lr=1.0)
     engine_cfg = EngineConfig(workers=WORLD, zero_stage=case.zero_stage, grad_accum=case.grad_accum)
     config = deepspeed_config(engine_cfg, batch_size=case.batch, clip_grad=0.0, world=WORLD)
-    Zero(case.zero_stage).patch_deepspeed()   # as the trainer does
+    zero = Zero(case.zero_stage)
+    zero.patch_deepspeed()   # as the trainer does
     engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=config, dist_init_required=False)
+    zero.declare_external_parameters(task)
     batches = micro_batches(rank, case)
     parts = contrastive_parts(engine, batches, step=STEP, cfg=cfg.contrastive if case.cached else None,
                               gather=all_gather_cat, rank=rank)
     losses = optimizer_step(engine, batches, parts, step=STEP, check=lambda losses: losses, at_boundary=lambda: None)
     mean = {k: all_reduce_mean(torch.stack([l[k].detach() for l in losses]).mean()).item()
             for k in ("loss/contrastive", "loss/dino", "loss/patch", "loss/total")}
+    with zero.whole([p for p in task.parameters() if p.requires_grad]):   # ZeRO-3: each rank holds a shard
+        after = trainable(task)
     if rank == 0:
         out.mkdir(parents=True)
-        after = trainable(task)
         save_file({n: before[n] - after[n] for n in before}, str(out / "grads.safetensors"))
         (out / "losses.json").write_text(json.dumps(mean))
 
@@ -144,6 +147,12 @@ def test_accumulation_4_x_8_equals_one_step_of_32_on_two_ranks_and_of_64_in_one(
     accumulated = cases[Case(zero_stage=zero_stage, batch=8, grad_accum=4)]
     assert_same(accumulated, one_process)
     assert_same(accumulated, cases[Case(zero_stage=zero_stage, batch=32, grad_accum=1)])
+
+
+@pytest.mark.slow
+def test_accumulation_under_zero3_gathers_its_partitioned_parameters_for_the_cached_pass(cases, one_process):
+    """ZeRO-3: the cached pass goes through the engine's forward, which gathers the partitioned parameters."""
+    assert_same(cases[Case(zero_stage=3, batch=8, grad_accum=4)], one_process)
 
 
 @pytest.mark.slow
