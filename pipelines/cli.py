@@ -24,7 +24,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Protocol, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from pipelines import layout, ray_cluster, storage, tracking_store
 from pipelines.errors import UsageError
@@ -162,25 +162,20 @@ def stage_main(argv: list[str] | None, presets: dict[str, Callable[[], Cfg]], ru
     (`show(summary, output)`; JSON by default, None: nothing) and return it. `stage` names the stage in
     the run root (pipelines.layout)."""
     cfg, output = parse_stage_args(argv, presets, description=description, flags=flags, stage=stage)
-    prog = f"python -m pipelines.{stage}" if stage else None
+    prog = f"python -m pipelines.{stage}" if stage else os.path.basename(sys.argv[0])
     try:
         summary = run(cfg, output)
     except UsageError as err:   # wrong input found once the stage looked: one line, exit 2, as argparse does
-        fail(prog, str(err))
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:   # Ctrl-C: say what is kept and how to go on, not a traceback; 130 as a shell does
-        print(f"{prog or os.path.basename(sys.argv[0])}: interrupted; what was written to {output} is kept: run the "
-              "same command again to go on (training resumes from its last checkpoint, captioning keeps every "
-              "committed caption, a finished step is skipped)", file=sys.stderr)
+        print(f"{prog}: interrupted; what was written to {output} is kept: run the same command again to go on "
+              "(training resumes from its last checkpoint, captioning keeps every committed caption, a finished "
+              "step is skipped)", file=sys.stderr)
         raise SystemExit(130) from None
     if show is not None:
         show(summary, output)
     return summary
-
-
-def fail(prog: str | None, message: str) -> NoReturn:
-    """A usage error as argparse reports one: `PROG: error: MESSAGE` on stderr, exit status 2."""
-    print(f"{prog or os.path.basename(sys.argv[0])}: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def done_record(cfg: Any, **fields: Any) -> dict[str, Any]:
