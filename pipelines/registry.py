@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -101,6 +102,9 @@ def relink_metrics(client, run_id: str, keys: list[str], *, model_id: str) -> in
     return len(points)
 
 
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @contextlib.contextmanager
 def tracking_at(uri: str) -> Iterator[None]:
     """MLflow's fluent API (which log_model needs) pointed at `uri` for a moment."""
@@ -110,7 +114,10 @@ def tracking_at(uri: str) -> Iterator[None]:
 
     # MLflow's own module globals (None = unset), put back as they were: get_*_uri() would return a default
     # that set_*_uri() then pins, and later clients without an explicit registry URI would follow it.
+    # set_*_uri() also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: the next run of this process would take
+    # this store (store_uri reads the variable) whatever its own output.
     before = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
+    environment = {name: os.environ.get(name) for name in URI_VARIABLES}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -118,6 +125,11 @@ def tracking_at(uri: str) -> Iterator[None]:
     finally:
         _tracking_service.utils._tracking_uri = before[0]
         _model_registry.utils._registry_uri = before[1]
+        for name, value in environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def register_export(sink: MetricsSink, tracking, *, job: str, hf_dir: str, step: int,

@@ -7,6 +7,7 @@ is evaluated (`models:/NAME/VERSION`) and compared by version."""
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ import torch
 from pipelines import compare, evaluate, lineage, registry, storage
 from pipelines.lineage import CaptionSetChanged, Kind
 from pipelines.tracking import TrackingConfig
+from pipelines.tracking_store import store_uri
 from pipelines.train import EXPORT_DIR, InjectedFaults, Job, NoFaults, run
 from tipsv2.loop import NonFiniteLoss
 
@@ -158,9 +160,14 @@ def test_registering_leaves_mlflows_global_uris_as_they_were(tmp_path):
     from pipelines.tracking import MlflowSink
 
     before = _tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri
+    environment = {name: os.environ.get(name) for name in registry.URI_VARIABLES}
     with registry.tracking_at(f"sqlite:///{tmp_path / 'a.db'}"):
         assert _model_registry.utils._registry_uri.endswith("a.db")
     assert (_tracking_service.utils._tracking_uri, _model_registry.utils._registry_uri) == before
+    # And the variables MLflow exports: bench.train's second run in one process trained into the first run's
+    # deleted store ("attempt to write a readonly database") through MLFLOW_TRACKING_URI.
+    assert {name: os.environ.get(name) for name in registry.URI_VARIABLES} == environment
+    assert store_uri(None, str(tmp_path / "next")) == f"sqlite:///{(tmp_path / 'next' / 'mlflow.db').resolve()}"
     uri = f"sqlite:///{tmp_path / 'b.db'}"
     sink = MlflowSink(uri=uri, experiment="registry-uri")
     assert sink.client._registry_uri == uri
