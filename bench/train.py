@@ -20,6 +20,10 @@
 
        .venv/bin/python -m bench.train --skip-overhead --append-memory --memory-models tiny vit_s14 \
            --memory-runs 0:1 1:1 2:1 3:1          # adds tiny and S/14 rows at ZeRO 0-3 (~10 min)
+       .venv/bin/python -m bench.train --skip-overhead --append-memory --optimizer adafactor \
+           --memory-models tiny vit_s14 --memory-runs 0:1 1:1 2:1 3:1 0:1:bf16   # Adafactor's rows
+
+   A row whose loss turns non-finite is kept with its error (tiny, Adafactor, ZeRO-3 with clipping).
 
 Measured (bench/results/train.json, quiet 2-core machine), ratio (median / mean): ZeRO-0 batch 8 0.99 /
 0.97, ZeRO-2 batch 32 1.06 / 0.97, ZeRO-2 batch 8 0.87 / 0.80. Ray's own share is at most 5 % of compute
@@ -31,7 +35,10 @@ preparation the plain loop does inline (ratio above 1 at batch 32). B/14 tensors
 MB and ZeRO-2 2734 MB (predicted 3303 / 2684); in bf16, ZeRO-1 2122 MB, ZeRO-2 2122 MB, ZeRO-3 1952 MB
 (predicted 2097 / 2097 / 1950: bf16 weights and gradients, fp32 masters and moments, the EMA's fp32
 masters whole, one bucket at ZeRO-3). Tiny at ZeRO 0-3: 18.7 / 15.0 / 15.0 / 208 MB (predicted 17.4 /
-13.3 / 13.3 / 202); S/14: 1374 / 1081 / 1081 / 1038 MB (predicted 1373 / 1056 / 1056 / 1035). Stages 1 and 2
+13.3 / 13.3 / 202); S/14: 1374 / 1081 / 1081 / 1038 MB (predicted 1373 / 1056 / 1056 / 1035). With Adafactor (a loaded machine; the step times are not rates): B/14
+ZeRO-0 1835 MB, ZeRO-2 2313 MB, bf16 ZeRO-0 1892 MB (predicted 1834 / 2261 / 1890); S/14 ZeRO 0-3 745 / 1022
+/ 927 / 881 MB (predicted 743 / 901 / 901 / 879); tiny at ZeRO-3 with clipping 3.0 diverged at step 1 (NaN;
+trained with optim.clip_grad=0, and S/14 trained with clipping; cause not found). Stages 1 and 2
 are equal at grad_accum 1 because DeepSpeed 0.19.8 (zero/stage_1_and_2.py, `reduce_gradients`) reduces
 stage 1's gradients at the accumulation boundary through the same buckets as stage 2 and drops the ones this rank
 does not own before `engine.backward` returns: stage 1 holds full gradients only between micro-steps
@@ -60,7 +67,7 @@ from pipelines import data
 from pipelines.train import Job, NoFaults, Plan, Worker, prepare_tokenizer, read_history, run
 from tipsv2 import config_tree
 from pipelines.train.config import preset
-from tipsv2.loop import endless, train_local
+from tipsv2.loop import NonFiniteLoss, endless, train_local
 from tipsv2.memory import MemoryInputs, model_state_bytes, parameter_count
 from tipsv2.tokenizer import Tokenizer
 
@@ -165,8 +172,9 @@ def predicted_mb(cfg, workers: int) -> float:
     return model_state_bytes(parameter_count(cfg), inputs) / 2 ** 20
 
 
-def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: int, model: str = "vit_b14") -> list[dict]:
-    sets = [f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
+def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: int, model: str = "vit_b14",
+           optimizer: str | None = None) -> list[dict]:
+    sets = [*([f"optim.optimizer={optimizer}"] if optimizer else []), f"steps={steps}", "log_every=1000", f"engine.workers={workers}", f"engine.checkpoint_every={steps}",
             "engine.use_gpu=false",
             f"data.batch_size={batch}", "data.global_batch=null", "engine.cpus_per_worker=1", "data.crops.global_size=112",
             "data.crops.local_size=56", "data.synthetic.image_size=112", "data.synthetic.train_size=16", "data.synthetic.val_size=2",
@@ -176,9 +184,15 @@ def memory(runs: list[tuple[int, int, str]], steps: int, batch: int, workers: in
         cfg = configure(model, [*sets, f"engine.zero_stage={stage}", f"engine.grad_accum={accum}",
                                     f"engine.precision={precision}"],
                         merge={"task": {"dino": {"local_crops": 2}}, "data": {"crops": {"local_crops": 2}}})
+        row = {"model": model, "optimizer": cfg.optim.optimizer.value, "zero_stage": stage, "grad_accum": accum,
+               "precision": precision, "workers": workers}
         with tempfile.TemporaryDirectory() as root:
             start = time.perf_counter()
-            run(Job.PRETRAIN, cfg, root, faults=NoFaults())
+            try:
+                run(Job.PRETRAIN, cfg, root, faults=NoFaults())
+            except NonFiniteLoss as err:   # a row that diverges is a result too: recorded, the others go on
+                out.append(row | {"error": str(err)[:300], "wall_s": time.perf_counter() - start})
+                continue
             rows = read_history(root)
         out.append({"model": model, "optimizer": cfg.optim.optimizer.value, "zero_stage": stage, "grad_accum": accum, "precision": precision, "workers": workers,
                     "live_tensors_mb_per_worker": rows[-1]["memory/live_tensors_mb"],
@@ -220,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
                         default=["1:1", "2:1", "3:1", "1:2", "2:2", "1:1:bf16", "2:1:bf16", "3:1:bf16"],
                         metavar="STAGE:GRAD_ACCUM[:PRECISION]",
                         help="ZeRO stage, gradient accumulation and precision (fp32, bf16) of each memory row")
+    parser.add_argument("--optimizer", choices=["adamw", "adafactor"], default=None,
+                        help="the memory rows' optimiser (default: each preset's own)")
     parser.add_argument("--overhead-runs", nargs="+", default=["2:8", "0:8", "2:32"], metavar="STAGE:BATCH",
                         help="ZeRO stage and batch of each overhead comparison (one worker)")
     parser.add_argument("--skip-memory", action="store_true", help="keep the memory result already written")
@@ -241,9 +257,10 @@ def main(argv: list[str] | None = None) -> None:
         kept = json.loads(previous.read_text()).get("memory", []) if args.append_memory and previous.exists() else []
         result["memory"] = kept + [row for model in args.memory_models
                                    for row in memory(memory_runs(args.memory_runs), args.memory_steps,
-                                                     args.memory_batch, workers=2, model=model)]
+                                                     args.memory_batch, workers=2, model=model,
+                                                     optimizer=args.optimizer)]
     if result.get("memory"):
-        print_table(result["memory"], ["model", "zero_stage", "grad_accum", "precision", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
+        print_table(result["memory"], ["model", "optimizer", "zero_stage", "grad_accum", "precision", "workers", "live_tensors_mb_per_worker", "peak_rss_mb_per_worker",
                                        "predicted_model_state_mb_per_worker", "step_s", "wall_s"])
     print(f"wrote {write_json('train', result)}")
 

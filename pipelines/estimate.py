@@ -26,6 +26,7 @@ from typing import Any
 from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
 from pipelines.tracking import MetricsSink
 from pipelines.train.config import DistillJobConfig, JobConfig
+from tipsv2.optim import Optimizer
 from tipsv2.configs import model_config_of
 from tipsv2.flops import GPU_PEAK_FLOPS, flops_per_example, gpu_peak_flops
 from tipsv2.memory import (GiB, MemoryInputs, activation_bytes, largest_fitting_batch, model_state_bytes,
@@ -274,9 +275,11 @@ def advice(cfg: JobConfig, capacity: float, *, assume: Assumptions) -> str:
     (pretraining keeps its contrastive pairs per step, feature-cached; distillation's shrink: contrastive_negatives),
     or more memory."""
     batch, accum = cfg.data.batch_size, cfg.engine.grad_accum
+    caveat = (" (Adafactor then runs unfactored on DeepSpeed's flat partitions, not the paper's optimiser: "
+              "pipelines.train.config.engine_of)" if cfg.optim.optimizer == Optimizer.ADAFACTOR else "")
     tips = []
     if cfg.engine.zero_stage < 3 and estimate_memory(with_engine(cfg, zero_stage=3), assume=assume).total <= capacity:
-        tips.append("try ZeRO-3 (--set engine.zero_stage=3)")
+        tips.append(f"try ZeRO-3 (--set engine.zero_stage=3){caveat}")
     for stage in sorted({cfg.engine.zero_stage, 3}):
         staged = with_engine(cfg, zero_stage=stage)
         est = estimate_memory(staged, assume=assume)
@@ -291,7 +294,8 @@ def advice(cfg: JobConfig, capacity: float, *, assume: Assumptions) -> str:
                 tips.append(f"batch {new_batch} x grad_accum {new_accum} at ZeRO-{stage} (the contrastive loss then "
                             f"sees {contrastive_negatives(smaller)} pairs a step) "
                             f"(--set data.batch_size={new_batch} --set engine.grad_accum={new_accum}"
-                            f"{'' if stage == cfg.engine.zero_stage else ' --set engine.zero_stage=3'})")
+                            f"{'' if stage == cfg.engine.zero_stage else ' --set engine.zero_stage=3'})"
+                            f"{caveat if stage > 0 else ''}")
                 break
     if not tips:
         tips.append("even batch 1 at ZeRO-3 does not fit: more workers (ZeRO-3 shards by their number) or a "

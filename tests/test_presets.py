@@ -57,7 +57,7 @@ def test_the_paper_engine_splits_the_global_batch_into_accumulated_micro_batches
         assert split.global_batch == job.data.global_batch == (4096 if name.endswith("_hr") else 8192)
         assert (split.per_worker, split.grad_accum, split.workers) == (
             job.data.batch_size, job.engine.grad_accum, job.engine.workers)
-    assert (JOBS["vit_g14"]().engine.grad_accum, JOBS["vit_g14_hr"]().engine.grad_accum) == (32, 64)   # 32 and 8 per GPU
+    assert (JOBS["vit_g14"]().engine.grad_accum, JOBS["vit_g14_hr"]().engine.grad_accum) == (64, 128)   # 16 and 4 per GPU
 
 
 def test_cpu_presets_keep_their_batch_and_no_global_batch():
@@ -77,12 +77,12 @@ def test_a_split_that_misses_the_global_batch_is_an_error_naming_the_values(tmp_
     from pipelines.train.config import PRESETS as JOBS, batch_split
     from tipsv2 import config_tree
 
-    cfg = config_tree.override(JOBS["vit_g14"](), "data.batch_size=16")
-    with pytest.raises(ValueError, match=r"data.global_batch=8192 but data.batch_size 16 x engine.grad_accum 32 x "
-                                         r"engine.workers 8 = 4096: set engine.grad_accum=64"):
+    cfg = config_tree.override(JOBS["vit_g14"](), "data.batch_size=8")
+    with pytest.raises(ValueError, match=r"data.global_batch=8192 but data.batch_size 8 x engine.grad_accum 64 x "
+                                         r"engine.workers 8 = 4096: set engine.grad_accum=128"):
         batch_split(cfg)
-    assert batch_split(config_tree.override(cfg, "engine.grad_accum=64")).global_batch == 8192
-    with pytest.raises(ValueError, match=r"--local trains data.batch_size=32 images per step"):
+    assert batch_split(config_tree.override(cfg, "engine.grad_accum=128")).global_batch == 8192
+    with pytest.raises(ValueError, match=r"--local trains data.batch_size=16 images per step"):
         batch_split(JOBS["vit_g14"](), local=True)
     with pytest.raises(ValueError, match=r"global_batch must be >= data batch_size"):
         config_tree.override(JOBS["tiny"](), "data.global_batch=4")
@@ -137,14 +137,19 @@ def test_every_paper_engine_value_names_its_source():
 
 
 def test_paper_presets_run_on_one_gpu_node_and_cpu_presets_on_one_cpu():
-    from pipelines.train.config import DISTILL_PRESETS as JOB_DISTILL, PRESETS as JOBS, EngineConfig
+    from pipelines.train.config import DISTILL_PRESETS as JOB_DISTILL, PRESETS as JOBS, EngineConfig, engine_of
+    from tipsv2 import config_tree
 
     assert set(JOBS) == set(PRESETS) and set(JOB_DISTILL) == set(DISTILL_PRESETS)
     for name in ("vit_b14", "vit_g14_hr"):
         engine = JOBS[name]().engine
         assert (engine.workers, engine.use_gpu, engine.precision.value) == (8, True, "bf16")
         assert JOB_DISTILL[name]().engine == engine
-    assert JOBS["vit_g14"]().engine.zero_stage == 3 and JOBS["vit_l14"]().engine.zero_stage == 2
+    # Adafactor stays whole at ZeRO-0 (engine_of); AdamW takes ZeRO-2, ZeRO-3 at g/14.
+    assert {JOBS[name]().engine.zero_stage for name in JOBS if name.startswith("vit_")} == {0}
+    adamw = {"optim": {"optimizer": "adamw"}}
+    assert engine_of("vit_g14", config_tree.merge(PRESETS["vit_g14"](), adamw)).zero_stage == 3
+    assert engine_of("vit_l14", config_tree.merge(PRESETS["vit_l14"](), adamw)).zero_stage == 2
     assert JOBS["tiny"]().engine == EngineConfig()
     for name in PRESETS:   # a job config is its recipe plus the engine: every recipe field is the library's
         job, recipe = JOBS[name](), PRESETS[name]()
@@ -218,3 +223,15 @@ def test_synthetic_suite_runs_on_colour_scenes():
 
     metrics = suites.synthetic_suite(model, tokenize, None, cfg=cfg)
     assert 0.0 <= metrics["zero_shot_classification/cls1/top1"] <= 1.0
+
+
+def test_adafactor_under_zero_1_to_3_is_announced_before_the_run():
+    from pipelines.train.config import PRESETS as JOBS, optimizer_warning
+    from tipsv2 import config_tree
+
+    assert optimizer_warning(JOBS["vit_g14"]()) is None                       # ZeRO-0: whole parameters
+    sharded = config_tree.override(JOBS["vit_g14"](), "engine.zero_stage=3")
+    assert "adafactor at engine.zero_stage=3" in optimizer_warning(sharded)
+    assert "engine.zero_stage=0 keeps it whole" in optimizer_warning(sharded)
+    assert optimizer_warning(sharded, local=True) is None                     # the local loop has no ZeRO
+    assert optimizer_warning(config_tree.override(sharded, "optim.optimizer=adamw")) is None

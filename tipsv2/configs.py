@@ -228,7 +228,7 @@ def _paper(name: str, *, batch_size: int, layer_decay: float, drop_path: float,
 
 PAPER_SIZES = {  # name: (micro-batch per GPU at 224 px, layer decay, drop path); the global batch is GLOBAL_BATCH
     "vit_s14": (128, 1.0, 0.3), "vit_b14": (128, 1.0, 0.3), "vit_l14": (64, 0.9, 0.3),
-    "vit_so400m14": (32, 0.9, 0.3), "vit_g14": (32, 1.0, 0.4),
+    "vit_so400m14": (32, 0.9, 0.3), "vit_g14": (16, 1.0, 0.4),   # g/14: 16, the ZeRO-0 fit (32: 86 GiB)
 }
 
 

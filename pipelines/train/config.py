@@ -19,6 +19,7 @@ from typing import Callable
 from pipelines.tracking import TrackingConfig
 from tipsv2 import configs as recipes
 from tipsv2.configs import DistillConfig, Precision, PretrainConfig
+from tipsv2.optim import Optimizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,22 +108,44 @@ def batch_split(cfg: PretrainConfig | DistillConfig, *, local: bool = False) -> 
                      f"(or data.global_batch={split.global_batch})")
 
 
+def optimizer_warning(cfg: PretrainConfig | DistillConfig, *, local: bool = False) -> str | None:
+    """What the run should be told before it starts when its optimiser will not be the one it names: Adafactor
+    under DeepSpeed ZeRO 1-3 (engine_of)."""
+    stage = cfg.engine.zero_stage
+    if local or stage == 0 or cfg.optim.optimizer != Optimizer.ADAFACTOR:
+        return None
+    return (f"warning: optim.optimizer=adafactor at engine.zero_stage={stage}: DeepSpeed hands it flat 1-D "
+            "partitions, so its second moments are unfactored and its update scale is the RMS of a partition, "
+            "not of each parameter (not the local loop's or the paper's Adafactor); engine.zero_stage=0 keeps it "
+            "whole" + ("; at ZeRO-3 with clipping the tiny preset's loss was non-finite at step 1 (S/14's was "
+                       "not; cause not found: bench/results/train.json)" if stage == 3 and cfg.optim.clip_grad > 0
+                       else ""))
+
+
 def _paper_engine(zero_stage: int, grad_accum: int) -> EngineConfig:
     return EngineConfig(workers=8, use_gpu=True,                # one 8-GPU node (cluster/aws.yaml p5 / gcp a3)
                         precision=Precision.BF16,               # our choice: bf16 keeps float32 masters (README)
-                        zero_stage=zero_stage,                  # bench/results/train.json: ZeRO-3 only for g/14
+                        zero_stage=zero_stage,                  # engine_of: ZeRO-0 for Adafactor, else 2 (3 for g/14)
                         grad_accum=grad_accum,                  # derived: the preset's data.global_batch
                         checkpoint_every=2000)                  # our choice: a lost node costs under 2000 steps
 
 
 def engine_of(preset_name: str, recipe: PretrainConfig | DistillConfig) -> EngineConfig:
     """The engine a preset runs on: the paper sizes (and their `_hr` stages) on one GPU node, accumulating
-    micro-batches up to the recipe's global batch; the rest on CPU."""
+    micro-batches up to the recipe's global batch; the rest on CPU.
+
+    Adafactor runs at ZeRO-0: DeepSpeed ZeRO 1-3 hand the optimiser flat 1-D partitions, so torch's Adafactor
+    would keep unfactored moments and take its RMS over a partition, not the paper's optimiser
+    (tests/test_grad_cache_zero.py); its factored state is small, so sharding it would save little
+    (tipsv2.memory; every paper size fits an 80 GB GPU at ZeRO-0, pipelines.plan). AdamW keeps ZeRO-2, ZeRO-3
+    for g/14."""
     size = preset_name.removesuffix("_hr")
     if size not in recipes.PAPER_SIZES:
         return EngineConfig()
     workers = _paper_engine(zero_stage=0, grad_accum=1).workers
     accum = accumulation_for(recipe.data.global_batch, per_worker=recipe.data.batch_size, workers=workers)
+    if recipe.optim.optimizer == Optimizer.ADAFACTOR:
+        return _paper_engine(zero_stage=0, grad_accum=accum)
     return _paper_engine(zero_stage=3 if size == "vit_g14" else 2, grad_accum=accum)
 
 
