@@ -53,9 +53,12 @@ def task_argument_bytes(cfg, output: str) -> dict[str, int]:
     """Pickled size of what each Ray task of the stage is handed besides its block."""
     import cloudpickle
 
-    plan = {"cfg": cfg, "output": output, "images_root": output}
-    write = {"cfg": cfg, "output": output, "generation": time.time_ns()}
-    compact = {"output": output, "generation": time.time_ns(), "granularities": cfg.granularities}
+    from pipelines import caption
+
+    slots = caption.slots_of(cfg)
+    plan = {"cfg": cfg, "output": output, "images_root": output, "slots": slots}
+    write = {"cfg": cfg, "output": output, "generation": time.time_ns(), "slots": slots}
+    compact = {"output": output, "generation": time.time_ns(), "slots": slots}
     return {name: len(cloudpickle.dumps(kwargs, protocol=pickle.HIGHEST_PROTOCOL))
             for name, kwargs in (("plan_block", plan), ("write_block", write), ("compact_partition", compact))}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +23,8 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.errors import UsageError
-from tipsv2.data.schema import Granularity, caption_column
+from tipsv2.data.captions import CaptionSamplingConfig, example_rng, sample_caption
+from tipsv2.data.schema import Granularity, Slot, caption_column, caption_slot
 from tipsv2.data.synthetic import Split, write_parquet
 from tipsv2.loop import Record
 
@@ -98,10 +100,10 @@ def read_texts(source: Source, read: dict[str, pa.Table] | None = None) -> pa.Ta
         texts = images.append_column("caption_short", pa.nulls(images.num_rows, pa.string()))
     else:
         names = _columns(source.captions, read)
-        present = [c for c in CAPTION_COLUMNS if c in names]
+        present = caption_columns(names)
         if "id" not in names or not present:
-            raise UsageError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS}; "
-                             f"found {names}")
+            raise UsageError(f"caption Parquet {source.captions!r} needs an id column and one of {CAPTION_COLUMNS} "
+                             f"(or caption_<source>_<granularity>); found {names}")
         captions = _read(source.captions, ["id", *present], read)
         if captions.num_rows != len(set(captions.column("id").to_pylist())):
             raise UsageError(f"caption Parquet {source.captions!r} repeats ids; expected one row per image id "
@@ -110,7 +112,7 @@ def read_texts(source: Source, read: dict[str, pa.Table] | None = None) -> pa.Ta
     for column in CAPTION_COLUMNS:
         if column not in texts.column_names:
             texts = texts.append_column(column, pa.nulls(texts.num_rows, pa.string()))
-    texts = texts.select(["id", "alt_text", *CAPTION_COLUMNS]).sort_by("id")
+    texts = texts.select(["id", "alt_text", *caption_columns(texts.column_names)]).sort_by("id")
     check_texts(texts, source, captions)
     return texts
 
@@ -123,7 +125,7 @@ def has_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
 def check_texts(texts: pa.Table, source: Source, captions: pa.Table | None) -> None:
     """UsageError when the texts cannot train as the user meant: a caption set that names none of the images (CLS2
     would silently train on alt-text), one whose every caption is empty, or no text at all on any row."""
-    captioned = functools.reduce(pc.or_, [has_text(texts[c]) for c in CAPTION_COLUMNS])
+    captioned = functools.reduce(pc.or_, [has_text(texts[c]) for c in caption_columns(texts.column_names)])
     if captions is not None and captions.num_rows:
         matched = pc.sum(pc.is_in(texts["id"], value_set=captions["id"])).as_py() or 0
         if matched == 0:
@@ -140,8 +142,28 @@ def check_texts(texts: pa.Table, source: Source, captions: pa.Table | None) -> N
                          "tower on; expected alt_text in the images or a caption Parquet (data.captions_uri)")
 
 
-def captions_of(row: dict) -> dict[Granularity, str | None]:
-    return {g: row.get(caption_column(g)) for g in Granularity}
+def caption_columns(names: list[str]) -> list[str]:
+    """The caption columns among `names`: the main source's granularities, then other sources' by name."""
+    return sorted((n for n in names if caption_slot(n) is not None), key=caption_slot)
+
+
+def captions_of(row: dict) -> dict[Slot, str | None]:
+    return {slot: row[name] for name in row if (slot := caption_slot(name)) is not None}
+
+
+def source_counts(texts: pa.Table, cfg: CaptionSamplingConfig, *, epoch: int = 0, limit: int = 100_000
+                  ) -> dict[str, Any]:
+    """What CLS2 trains on in `epoch`, by caption source ("alt_text" where it falls back to the alt-text), over
+    the first `limit` rows by id: the per-example draws are seeded by (seed, epoch, id) alone, so the driver
+    counts them without the stream."""
+    counts: dict[str, int] = {}
+    rows = texts.slice(0, limit).to_pylist()
+    for row in rows:
+        rng = example_rng(seed=cfg.seed, epoch=epoch, example_id=row["id"], stream="caption")
+        drawn = sample_caption(row["alt_text"], captions_of(row), rng=rng, cfg=cfg, example_id=row["id"])
+        key = drawn.source or "alt_text"
+        counts[key] = counts.get(key, 0) + 1
+    return {"epoch": epoch, "rows": len(rows), "of_rows": texts.num_rows, "sources": dict(sorted(counts.items()))}
 
 
 def read_records(source: Source, texts: pa.Table | None = None) -> list[Record]:
@@ -163,4 +185,5 @@ def read_validation(source: Source, count: int) -> list[Record]:
 
 
 def texts_for_tokenizer(texts: pa.Table) -> list[str]:
-    return [t for column in ["alt_text", *CAPTION_COLUMNS] for t in texts.column(column).to_pylist() if t]
+    return [t for column in ["alt_text", *caption_columns(texts.column_names)] for t in texts.column(column).to_pylist()
+            if t]

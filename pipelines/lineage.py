@@ -39,7 +39,7 @@ from pipelines import storage
 from pipelines.errors import UsageError
 from pipelines.tracking import MetricsSink
 from tipsv2.configs import CaptionChange
-from tipsv2.data.schema import Granularity, caption_column
+from tipsv2.data.schema import Granularity, caption_column, caption_slot
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,16 @@ class Kind(str, enum.Enum):
 
 
 CONTENT = {Kind.IMAGES: ["id", "sha256", "alt_text"], Kind.CAPTIONS: ["id", *(caption_column(g) for g in Granularity)]}
+
+
+def content_columns(kind: Kind, names: list[str]) -> list[str]:
+    """The columns of a set that its digest covers, of those it has: CONTENT[kind], and for captions every
+    other source's caption columns too (caption_<source>_<granularity>, after the main source's, by name)."""
+    wanted = [c for c in CONTENT[kind] if c in names]
+    if kind == Kind.CAPTIONS:
+        wanted += sorted((c for c in names if c not in wanted and caption_slot(c) is not None),
+                         key=lambda c: caption_slot(c))
+    return wanted
 
 
 class CaptionSetChanged(ValueError):
@@ -100,12 +110,14 @@ def digest(table: pa.Table, columns: list[str]) -> str:
 
 
 def provenance_summary(column: pa.ChunkedArray) -> list[dict[str, Any]]:
-    """Rows per (granularity, backend, model, prompt hash, sampling, status) of a `provenance` JSON column."""
+    """Rows per (granularity, source, backend, model, prompt hash, sampling, status) of a `provenance` JSON
+    column; `granularity` is the slot's name (long, b_long), `source` the caption pass (None before sources)."""
     stable = pc.replace_substring_regex(column, pattern=VOLATILE, replacement=r'\1""')
     counts: dict[str, int] = {}
     for entry in pc.value_counts(stable).to_pylist():
         for granularity, prov in sorted(json.loads(entry["values"]).items()):
-            key = json.dumps({"granularity": granularity, "backend": prov.get("backend"), "model": prov.get("model"),
+            key = json.dumps({"granularity": granularity, "source": prov.get("source"),
+                              "backend": prov.get("backend"), "model": prov.get("model"),
                               "prompt_hash": prov.get("prompt_hash"), "sampling": prov.get("sampling"),
                               "status": prov.get("status")}, sort_keys=True)
             counts[key] = counts.get(key, 0) + entry["counts"]
@@ -143,7 +155,7 @@ def read(uri: str, kind: Kind) -> tuple[ParquetSet, pa.Table]:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
         if "id" not in dataset.schema.names:
             raise UsageError(f"{kind.value} Parquet {uri!r} has no id column; found {dataset.schema.names}")
-        wanted = [c for c in CONTENT[kind] if c in dataset.schema.names]
+        wanted = content_columns(kind, dataset.schema.names)
         has_provenance = kind == Kind.CAPTIONS and "provenance" in dataset.schema.names
         table = dataset.to_table(columns=wanted + (["provenance"] if has_provenance else []))
     except (pa.ArrowInvalid, OSError) as err:

@@ -68,12 +68,13 @@ class StagePlan:
 
 def recipe(name: str) -> run_all.RunAllConfig:
     """The whole chain for a training preset: run_all's own chain for tiny and demo; for the paper sizes
-    that preset's pretrain and distill configs with the production caption and ingest stages."""
+    that preset's pretrain and distill configs with the paper's two caption passes (caption.paper) and the
+    production ingest stage."""
     if name in run_all.PRESETS:
         return run_all.PRESETS[name]()
     if name not in PRESETS:
         raise PlanError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    return run_all.RunAllConfig(pretrain=preset(name), distill=distill_preset(name), caption=caption.default(),
+    return run_all.RunAllConfig(pretrain=preset(name), distill=distill_preset(name), caption=caption.paper(),
                                 ingest=ingest.default())
 
 
@@ -131,9 +132,21 @@ def caption_request(cfg: caption.CaptionConfig) -> dict[str, float]:
     return request
 
 
-def plan_caption(cfg: caption.CaptionConfig, images: float, cluster: Cluster, assume: Assumptions) -> StagePlan:
+def plan_caption(cfg: caption.CaptionConfig, images: float, cluster: Cluster, assume: Assumptions) -> list[StagePlan]:
+    """One StagePlan per caption pass (they run one after the other over every image): `caption`, or
+    `caption:<source>` for each pass of a job with several (its own model, replicas and tokens)."""
+    views = caption.passes_of(cfg)
+    return [plan_caption_pass(view, images, cluster, assume,
+                              name=Stage.CAPTION.value if len(views) == 1 else f"{Stage.CAPTION.value}:{view.source}",
+                              key="caption." + (f"passes.{view.source}." if i else ""))
+            for i, view in enumerate(views)]
+
+
+def plan_caption_pass(cfg: caption.CaptionConfig, images: float, cluster: Cluster, assume: Assumptions, *,
+                      name: str, key: str = "caption.") -> StagePlan:
+    """One pass's engine replicas over every image; `key`: where its config sits (caption.passes.b. ...)."""
     if cfg.backend == caption.Backend.TEMPLATE:
-        return plan_cpu_tasks(Stage.CAPTION.value, {"CPU": cfg.engine.stage_cpus}, images, cluster, assume)
+        return plan_cpu_tasks(name, {"CPU": cfg.engine.stage_cpus}, images, cluster, assume)
     request = caption_request(cfg)
     node = choose_node(Stage.CAPTION.value, request, cluster)
     per_node = workers_per_node(request, node.resources)
@@ -145,9 +158,9 @@ def plan_caption(cfg: caption.CaptionConfig, images: float, cluster: Cluster, as
     per_gpu = caption_throughput(node.gpu, tokens_per_image=tokens, assume=assume)
     speed = dataclasses.replace(per_gpu, value=per_gpu.value * request["GPU"])
     notes = [f"engine.concurrency={replicas} uses {math.ceil(replicas / per_node)} of {node_cap(node, cluster)} "
-             f"{node.name} nodes; --set caption.engine.concurrency={capacity} would take "
+             f"{node.name} nodes; --set {key}engine.concurrency={capacity} would take "
              f"{hours(images / (speed.value * capacity))}"] if replicas < capacity else []
-    return held(Stage.CAPTION.value, node, nodes=math.ceil(replicas / per_node), workers=replicas, images=images,
+    return held(name, node, nodes=math.ceil(replicas / per_node), workers=replicas, images=images,
                 speed=speed, busy_s=images / (speed.value * replicas), start_s=assume.node_start_s,
                 notes=notes, warnings=warnings)
 
@@ -197,24 +210,25 @@ def plan_evaluate(cluster: Cluster, assume: Assumptions) -> StagePlan:
 
 
 def plan_stage(stage: Stage, cfg: run_all.RunAllConfig, images: float, cluster: Cluster, assume: Assumptions,
-               profiles: Profiles) -> StagePlan:
+               profiles: Profiles) -> list[StagePlan]:
     if stage == Stage.INGEST:
-        return plan_cpu_tasks(stage.value, {"CPU": cfg.ingest.num_cpus_per_task}, images, cluster, assume)
+        return [plan_cpu_tasks(stage.value, {"CPU": cfg.ingest.num_cpus_per_task}, images, cluster, assume)]
     if stage == Stage.CAPTION:
         return plan_caption(cfg.caption, images, cluster, assume)
     if stage == Stage.EVALUATE:
-        return plan_evaluate(cluster, assume)
+        return [plan_evaluate(cluster, assume)]
     training = cfg.pretrain if stage == Stage.PRETRAIN else cfg.distill
-    return plan_training(stage, training, images, cluster, assume, profiles)
+    return [plan_training(stage, training, images, cluster, assume, profiles)]
 
 
 def plan(cfg: run_all.RunAllConfig, *, images: float, cluster: Cluster, assume: Assumptions = Assumptions(),
          stages: tuple[Stage, ...] = STAGES, profiles: Profiles | None = None) -> list[StagePlan]:
-    """One StagePlan per stage, in the order run_all runs them (one after the other)."""
+    """One StagePlan per stage (per pass for a caption job of several), in the order run_all runs them (one
+    after the other)."""
     if images < 1:
         raise PlanError(f"--images must be >= 1, got {images:g}")
     profiles = profiles or load_profiles()
-    return [plan_stage(stage, cfg, images, cluster, assume, profiles) for stage in stages]
+    return [p for stage in stages for p in plan_stage(stage, cfg, images, cluster, assume, profiles)]
 
 
 # ---------------------------------------------------------------- output

@@ -164,6 +164,7 @@ def _decode(table: pa.Table, *, texts_ref, spec: StreamSpec, epoch: int) -> dict
         "granularity": np.asarray(["" if e.granularity is None else e.granularity.value for e in examples],
                                   dtype=object),
         "fallback": np.asarray([e.fallback.value for e in examples], dtype=object),
+        "source": np.asarray([e.source or "" for e in examples], dtype=object),
         "seed": np.asarray([e.seed for e in examples], dtype=np.int64),
     }
 
@@ -175,7 +176,8 @@ def _examples(columns: dict[str, np.ndarray], epoch: int) -> list[Example]:
                     local_crops=torch.from_numpy(columns["local_crops"][i].copy()),
                     alt_text=str(columns["alt_text"][i]), synthetic=str(columns["synthetic"][i]),
                     granularity=Granularity(columns["granularity"][i]) if columns["granularity"][i] else None,
-                    fallback=CaptionFallback(columns["fallback"][i]), seed=int(columns["seed"][i]), epoch=epoch)
+                    fallback=CaptionFallback(columns["fallback"][i]), source=str(columns["source"][i]) or None,
+                    seed=int(columns["seed"][i]), epoch=epoch)
             for i in range(len(columns["id"]))]
 
 

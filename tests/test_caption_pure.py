@@ -239,14 +239,14 @@ def test_compaction_merges_generations_latest_wins(tmp_path):
                                   {"id": "gone", "caption_short": "g", "provenance": prov}], cfg.granularities)
     caption.commit(out, "in", 2, [{"id": "a", "caption_short": "new a", "provenance": prov}], cfg.granularities)
     item = {"partition": "in", "input_file": str(tmp_path / "in.parquet")}
-    result = caption.compact_partition(item, output=out, generation=3, granularities=cfg.granularities)
+    result = caption.compact_partition(item, output=out, generation=3, slots=cfg.granularities)
     files = list((tmp_path / "out" / "captions" / "in").glob("*.parquet"))
     assert [f.name for f in files] == [caption.part_name(3, "compacted")]
     table = pq.read_table(io.BytesIO(files[0].read_bytes()))
     assert table.to_pydict()["caption_short"] == ["new a", "b"]
     assert (result["rows"], result["missing"], result["stale_ids_dropped"]) == (2, 0, 1)
     pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "in.parquet")
-    missing = caption.compact_partition(item, output=out, generation=4, granularities=cfg.granularities)
+    missing = caption.compact_partition(item, output=out, generation=4, slots=cfg.granularities)
     assert (missing["missing"], missing["missing_example"]) == (1, "c")
     assert len(list((tmp_path / "out" / "captions" / "in").glob("*.parquet"))) == 1    # left as it was
 

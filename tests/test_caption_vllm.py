@@ -7,16 +7,20 @@ beside CPU torch (ENVIRONMENT.md; re-checked with a tiny PaliGemma: `ModuleNotFo
 named 'torchvision'`). So this test runs a tiny random text Llama with text-only prompts carrying the
 alt-text (`image_input=alt_text_only`), and test_caption_hf.py covers the image path.
 
-One stage run (one engine build, plus one restart) covers three things:
+One stage run (one engine build per pass, plus one restart) covers four things:
 - one request per image: every granularity from one structured-output answer, equal to the same request
   sent to `vllm.LLM` directly (the reference);
 - a prompt over the model's context: an error row per granularity with vLLM's reason, the job goes on;
 - the engine actor SIGKILLed mid-run (a lost node): Ray Data restarts it and retries its batch; the job
-  finishes with every id exactly once.
+  finishes with every id exactly once;
+- a second pass (issue 24) on its own engine: the prompt its engine saw (the digest of the chat-templated
+  text, recorded in provenance) is the one-request prompt quoting the image's alt-text and the first pass's
+  accepted captions verbatim; an image the first pass failed gets an error, not an ungrounded caption.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,6 +84,31 @@ def _committed(out) -> list[str]:
     return [i for f in files for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
 
 
+def check_second_pass(cfg: caption.CaptionConfig, model_dir: str, rows: dict, ids: list[str]) -> None:
+    """Pass b's engine saw, for each image, the chat template applied to the one-request prompt that quotes
+    the alt-text and pass main's accepted captions verbatim (its recorded `request` digest)."""
+    from transformers import AutoTokenizer
+
+    from pipelines.caption.store import text_digest
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    later = caption.passes_of(cfg)[1]
+    checked = 0
+    for image_id, alt in zip(ids, ALT_TEXTS):
+        row, prov = rows[image_id], json.loads(rows[image_id]["provenance"])
+        context = {g: row[f"caption_{g}"] for g in ("short", "medium", "long") if prov[g]["status"] == "ok"}
+        if not context:
+            assert prov["b_long"]["status"] == "error", prov["b_long"]
+            continue
+        messages = build_request(["long"], alt, None, prompts=later.prompts, context=context)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert all(f'"{c}"' in text for c in context.values()) and (alt is None or alt in text)
+        assert prov["b_long"]["request"] == text_digest(text), image_id
+        assert prov["b_long"]["context"] == caption.context_digest(context) and prov["b_long"]["source"] == "b"
+        checked += 1
+    assert checked >= len(ids) // 2, f"pass b checked on {checked} of {len(ids)} images"
+
+
 @pytest.mark.slow
 def test_vllm_one_request_per_image_long_prompt_and_engine_death(ray_local, tiny_llama, tmp_path):
     ids = _write_images(tmp_path / "in")
@@ -91,6 +120,10 @@ def test_vllm_one_request_per_image_long_prompt_and_engine_death(ray_local, tiny
                        # a loaded 2-core machine took over 600 s to start the engine (load average 70)
                        "watchdog.startup_timeout_s=1500", "watchdog.progress_timeout_s=1500"):
         cfg = config_tree.override(cfg, assignment)
+    cfg = dataclasses.replace(cfg, passes={"b": caption.PassConfig(
+        receives=("main",), granularities=(schema.Granularity.LONG,), backend=cfg.backend,
+        image_input=cfg.image_input, prompts=cfg.prompts, sampling=cfg.sampling, engine=cfg.engine,
+        quality=cfg.quality)})
     result: dict = {}
     job = threading.Thread(target=lambda: result.update(summary=caption.run(cfg, str(out))), daemon=True)
     job.start()
@@ -111,9 +144,16 @@ def test_vllm_one_request_per_image_long_prompt_and_engine_death(ray_local, tiny
     assert summary["written"]["rows"] == len(ids)
     too_long = json.loads(rows[ids[-1]]["provenance"])
     assert {p["status"] for p in too_long.values()} == {"error"}, too_long
-    assert all("maximum context length is 512" in p["detail"] for p in too_long.values()), too_long
+    assert all("maximum context length is 512" in too_long[g]["detail"] for g in ("short", "medium", "long"))
+    assert "no accepted caption of ['main']" in too_long["b_long"]["detail"]
+    # The errors table: the too-long prompt's three errors and pass b's error for it (nothing to ground on),
+    # and pass b's rejections (random weights: fields cut off at max_tokens), one row each.
     errors = pq.read_table(out / "errors").to_pylist()
-    assert {e["id"] for e in errors} == {ids[-1]} and len(errors) == 3
+    failed = [e for e in errors if e["reason"] != "rejected_b_long"]
+    assert {e["id"] for e in failed} == {ids[-1]} and len(failed) == 4, failed
+    rejected = [json.loads(r["provenance"])["b_long"]["status"] == "rejected" for r in rows.values()]
+    assert len(errors) - len(failed) == sum(rejected)
+    check_second_pass(cfg, tiny_llama, rows, ids[:-1])
 
     # Greedy decoding of random weights meets near-ties everywhere (its logits are almost flat): batches of 2
     # (the stage) and of 41 (the reference) round differently in float32, and a flipped token changes the

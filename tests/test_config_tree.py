@@ -115,3 +115,21 @@ def test_done_before_returns_the_record_of_the_same_config_only(tmp_path):
     assert cli.done_before(uri, steps) == {"config": {"suite": "synthetic", "models": {"a": "x"}, "sizes": [1, 2]},
                                            "result": {}}
     assert cli.done_before(uri, {**steps, "suite": "coco"}) is None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Named:
+    """A dict of config sections, as pipelines.caption's `passes`."""
+    sections: dict[str, Inner] = field(default_factory=lambda: {"x": Inner(rate=0.5, kind=Kind.B)})
+
+
+def test_one_key_of_a_named_section_keeps_the_rest_of_that_section():
+    cfg = config_tree.override(Named(), "sections.x.rate=0.25")
+    assert cfg.sections["x"] == Inner(rate=0.25, kind=Kind.B)          # kind kept, not reset to the default
+    cfg = config_tree.override(cfg, "sections.y.sizes=3,4")              # a new section: defaults elsewhere
+    assert cfg.sections["y"] == Inner(sizes=(3, 4)) and list(cfg.sections) == ["x", "y"]
+    assert list(config_tree.override(cfg, "sections.x=null").sections) == ["y"]
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['sections.x.rte'\]"):
+        config_tree.override(cfg, "sections.x.rte=1")
+    again = config_tree.from_dict(Named, config_tree.to_dict(cfg))      # JSON round trip
+    assert again == cfg

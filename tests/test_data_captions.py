@@ -13,7 +13,7 @@ import pytest
 from tipsv2.config_tree import from_dict
 from tipsv2.data.captions import (CaptionFallback, CaptionSamplingConfig, SampledCaptions, example_rng,
                                   sample_caption)
-from tipsv2.data.schema import Granularity
+from tipsv2.data.schema import Granularity, Slot
 
 S, M, L = Granularity.SHORT, Granularity.MEDIUM, Granularity.LONG
 ALL = {S: "a dog", M: "a brown dog on grass", L: "a brown dog lying on green grass in the sun"}
@@ -95,7 +95,7 @@ def test_no_alt_text_uses_first_present_granularity(alt):
 def test_no_alt_text_and_only_zero_probability_caption():
     cfg = CaptionSamplingConfig(probabilities={S: 1.0})
     out = _draw(None, {L: "only long"}, cfg)
-    assert out == SampledCaptions(alt_text="only long", synthetic="only long", granularity=L,
+    assert out == SampledCaptions(alt_text="only long", synthetic="only long", granularity=L, source="main",
                                   fallback=CaptionFallback.SYNTHETIC_FOR_ALT)
 
 
@@ -153,3 +153,59 @@ def test_example_rng_is_stable_across_processes():
                              check=True, cwd=Path(__file__).resolve().parents[1])
         values.add(float(out.stdout))
     assert values == {example_rng(seed=3, epoch=2, example_id="img", stream="caption").random()}
+
+
+# ---------------------------------------------------------------- caption sources (issue 24)
+
+TWO = {"a_short": "a: a dog", "a_medium": "a: a brown dog", "b_long": "b: a brown dog lying on grass"}
+
+
+def _source_frequencies(captions, cfg, n=4000):
+    counts: dict = {}
+    for i in range(n):
+        out = _draw("alt", captions, cfg, key=f"img-{i}")
+        counts[(out.source, out.granularity)] = counts.get((out.source, out.granularity), 0) + 1
+    return {k: c / n for k, c in counts.items()}
+
+
+def test_sources_alternate_by_weight_then_granularity_within_a_source():
+    # Uniform over the sources present, then over a source's granularities: a 1/2 x 1/2 each, b 1/2.
+    freq = _source_frequencies(TWO, CaptionSamplingConfig())
+    assert freq[("a", S)] == pytest.approx(0.25, abs=0.03) and freq[("a", M)] == pytest.approx(0.25, abs=0.03)
+    assert freq[("b", L)] == pytest.approx(0.5, abs=0.03)
+    freq = _source_frequencies(TWO, CaptionSamplingConfig(sources={"a": 3.0, "b": 1.0}))
+    assert freq[("b", L)] == pytest.approx(0.25, abs=0.03)
+    freq = _source_frequencies(TWO, CaptionSamplingConfig(sources={"b": 1.0}))   # a absent: weight 0
+    assert freq == {("b", L): 1.0}
+
+
+def test_a_source_without_a_caption_for_this_image_leaves_the_draw_to_the_others():
+    out = _draw("alt", {"a_short": None, "b_long": "b text"}, CaptionSamplingConfig(sources={"a": 1, "b": 1}))
+    assert (out.source, out.granularity, out.synthetic) == ("b", L, "b text")
+    out = _draw("alt", {"a_short": "a text"}, CaptionSamplingConfig(sources={"b": 1.0}))
+    assert (out.synthetic, out.source, out.fallback) == ("alt", None, CaptionFallback.ALT_FOR_SYNTHETIC)
+
+
+def test_one_source_draws_as_before_sources_existed():
+    """No source draw when one source is eligible: the main source's draws are those of the granularity-only
+    sampler (seeded draws of existing runs unchanged); the same captions named as another source draw alike."""
+    main = [_draw("alt", ALL, key=f"k{i}") for i in range(200)]
+    other = [_draw("alt", {f"b_{g.value}": t for g, t in ALL.items()}, key=f"k{i}") for i in range(200)]
+    assert [m.granularity for m in main] == [o.granularity for o in other]
+    assert {m.source for m in main} == {"main"} and {o.source for o in other} == {"b"}
+
+
+def test_without_alt_text_cls1_takes_the_main_sources_first_caption_then_other_sources_by_name():
+    out = _draw(None, {"b_short": "b short", "long": "main long", "a_long": "a long"}, CaptionSamplingConfig())
+    assert out.alt_text == "main long"
+    out = _draw(None, {"b_short": "b short", "a_long": "a long"}, CaptionSamplingConfig())
+    assert out.alt_text == "a long"
+
+
+def test_bad_source_names_and_weights_name_the_value():
+    with pytest.raises(ValueError, match=r"caption source name 'B-2'"):
+        CaptionSamplingConfig(sources={"B-2": 1.0})
+    with pytest.raises(ValueError, match=r"caption sources must be finite weights >= 0"):
+        CaptionSamplingConfig(sources={"a": -1.0})
+    with pytest.raises(ValueError, match=r"expected a granularity"):
+        Slot.of("a_huge")

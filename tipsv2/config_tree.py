@@ -171,12 +171,36 @@ def merge(cfg: T, data: dict[str, Any], *, prefix: str = "") -> T:
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             changes[key] = merge(current, value, prefix=prefix + key + ".")
+        elif isinstance(current, dict) and isinstance(value, dict) and _holds_configs(types_[key]):
+            changes[key] = _merge_entries(current, value, types_[key], prefix=prefix + key + ".")
         elif isinstance(current, dict) and isinstance(value, dict):
             # One key of a dict field (`--set engine.engine_kwargs.x=1`) changes that key, not the whole dict.
             changes[key] = coerce(merge_dicts(current, _nulls_as_none(value)), types_[key], key=prefix + key)
         else:
             changes[key] = coerce(value, types_[key], key=prefix + key)
     return dataclasses.replace(cfg, **changes)
+
+
+def _holds_configs(tp: Any) -> bool:
+    """A dict field whose values are config dataclasses (named sections: `passes.b.engine...`)."""
+    tp, _ = _strip_optional(tp)
+    return typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1])
+
+
+def _merge_entries(current: dict, update: dict, tp: Any, *, prefix: str) -> dict:
+    """A dict of configs with `update` applied: an entry it names is merged key by key (the rest of that
+    entry kept), a new entry built from its keys (defaults elsewhere), null removes one."""
+    kt, vt = typing.get_args(_strip_optional(tp)[0])
+    merged = dict(current)
+    for name, value in _nulls_as_none(update).items():
+        name = coerce(name, kt, key=prefix.rstrip("."))
+        if value is None:
+            merged.pop(name, None)
+        elif name in merged and isinstance(value, dict):
+            merged[name] = merge(merged[name], value, prefix=f"{prefix}{name}.")
+        else:
+            merged[name] = coerce(value, vt, key=f"{prefix}{name}")
+    return merged
 
 
 def override(cfg: T, assignment: str) -> T:

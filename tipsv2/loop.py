@@ -19,7 +19,7 @@ from PIL import Image
 
 from tipsv2.configs import DataConfig, PretrainConfig
 from tipsv2.data.batch import Batch, collate, make_example
-from tipsv2.data.schema import Granularity
+from tipsv2.data.schema import Granularity, Slot
 from tipsv2.data.synthetic import SyntheticConfig, make_scene
 from tipsv2.models.heads import DinoHead
 from tipsv2.models.model import TIPSModel
@@ -34,7 +34,7 @@ class Record:
     id: str
     image: bytes | Image.Image
     alt_text: str | None
-    captions: dict[Granularity, str | None]
+    captions: dict[Slot | Granularity, str | None]   # a granularity: the main source's; Slot: any source's
 
 
 def synthetic_records(cfg: SyntheticConfig, split: str = "train") -> list[Record]:

@@ -29,12 +29,15 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.caption.config import Backend, CaptionConfig, Device, ImageInput
 from pipelines.caption.prompts import build_prompt, build_request, output_regex, parse_fields, request_max_tokens
+from pipelines.caption.store import text_digest
 from tipsv2.data.schema import caption_column
 
 REQUEST_COLUMNS = ["id", "alt_text", "width", "height", "format"]
-CARRIED = ["id", "partition", "todo", "previous"]   # travel through every backend untouched
+CARRIED = ["id", "partition", "todo", "previous", "context"]   # travel through every backend untouched
 RAW_SCHEMA = pa.schema([("id", pa.string()), ("partition", pa.string()), ("todo", pa.string()),
-                        ("previous", pa.string()), ("raw", pa.string()), ("prompt_tokens", pa.int64())])
+                        ("previous", pa.string()), ("context", pa.string()), ("raw", pa.string()),
+                        ("prompt_tokens", pa.int64())])
+REQUEST_KEY = "__request__"   # in `raw`: the digest of the prompt text the engine saw (vllm)
 
 
 def needs_image(cfg: CaptionConfig) -> bool:
@@ -90,12 +93,16 @@ class VllmPreprocess:
         if cfg.sampling.seed >= 0:
             sampling["seed"] = cfg.sampling.seed
         return {**{k: row[k] for k in CARRIED}, "sampling_params": sampling,
-                "messages": build_request(todo, row["alt_text"], part, prompts=cfg.prompts)}
+                "messages": build_request(todo, row["alt_text"], part, prompts=cfg.prompts,
+                                          context=json.loads(row["context"] or "{}"))}
 
 
 def vllm_postprocess(row: dict[str, Any]) -> dict[str, Any]:
     fields = parse_fields(row["generated_text"], row["todo"].split(","))
-    return raw_row(row, {g: {"text": text, "error": ""} for g, text in fields.items()}, row["num_input_tokens"])
+    raw: dict[str, Any] = {g: {"text": text, "error": ""} for g, text in fields.items()}
+    if row.get("prompt"):   # the chat-templated text the engine tokenised
+        raw[REQUEST_KEY] = text_digest(row["prompt"])
+    return raw_row(row, raw, row["num_input_tokens"])
 
 
 def vllm_result(row: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +176,8 @@ class HFCaptioner:
         self.model = AutoModelForImageTextToText.from_pretrained(cfg.engine.model_source, dtype=dtype).eval()
 
     def _prompt(self, row: dict[str, Any], granularity: str) -> str:
-        messages = build_prompt(granularity, row["alt_text"], {"type": "image"}, prompts=self.cfg.prompts)
+        messages = build_prompt(granularity, row["alt_text"], {"type": "image"}, prompts=self.cfg.prompts,
+                                context=json.loads(row["context"] or "{}"))
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return messages[0]["content"][1]["text"]
@@ -240,7 +248,7 @@ def template_batch(batch: pa.Table, *, cfg: CaptionConfig, truth: pa.Table | Non
                 text = (known.get(r["id"]) or {}).get(caption_column(g))
                 error = "" if text else f"no {caption_column(g)} for id {r['id']} in template.captions_path"
             elif r["alt_text"]:
-                text = getattr(cfg.template, g).format(**r)
+                text = getattr(cfg.template, g).format(**r, received=" ".join(json.loads(r["context"] or "{}").values()))
             else:
                 error = "no alt_text to fill the template"
             raw[g] = {"text": text, "error": error}

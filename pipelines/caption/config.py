@@ -11,7 +11,7 @@ from typing import Any
 
 from pipelines.resources import RESOURCE_REQUESTS, Stage, accelerator
 from pipelines.tracking import TrackingConfig
-from tipsv2.data.schema import DEFAULT_GRANULARITIES, Granularity
+from tipsv2.data.schema import DEFAULT_GRANULARITIES, MAIN_SOURCE, Granularity, Slot, check_source
 
 
 class Backend(str, enum.Enum):
@@ -104,20 +104,64 @@ class WatchdogConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CaptionConfig:
-    input: str = ""                        # ingest output root (reads <input>/images/) or an images Parquet dir
-    granularities: tuple[Granularity, ...] = DEFAULT_GRANULARITIES
+class PassConfig:
+    """A later caption pass: its own model, prompts and sampling, and the earlier sources its prompt quotes
+    verbatim (`receives`) beside the alt-text and, with image_input content_part, the image. Its captions are
+    the source named by its key in CaptionConfig.passes (columns caption_<source>_<granularity>)."""
+    receives: tuple[str, ...] = (MAIN_SOURCE,)   # earlier sources (the first pass's `source`, earlier passes)
+    granularities: tuple[Granularity, ...] = (Granularity.LONG,)
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()
     backend: Backend = Backend.VLLM
     image_input: ImageInput = ImageInput.CONTENT_PART
     engine: EngineConfig = EngineConfig()
     quality: QualityConfig = QualityConfig()
-    template: TemplateConfig = TemplateConfig()
+    template: TemplateConfig = TemplateConfig()   # backend template: `{received}` holds the received captions
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CaptionConfig(PassConfig):
+    """A caption job: its first pass (the PassConfig fields), then any later `passes`, each over every image.
+    A pass's own view (`passes_of`) is a CaptionConfig too, with its `source` and what it `receives`."""
+    input: str = ""                        # ingest output root (reads <input>/images/) or an images Parquet dir
+    source: str = MAIN_SOURCE              # the first pass's source name (main: columns caption_<granularity>)
+    passes: dict[str, PassConfig] = dataclasses.field(default_factory=dict)   # later passes, run in this order
+    receives: tuple[str, ...] = ()         # a later pass's view only: the sources its prompt quotes
+    granularities: tuple[Granularity, ...] = DEFAULT_GRANULARITIES
     watchdog: WatchdogConfig = WatchdogConfig()
     shard_rows: int = 1000                 # images per writer batch: one file per input partition in it
     ray_num_cpus: int = 0                  # local Ray only: logical CPUs to declare (0 = detect)
     tracking: TrackingConfig = TrackingConfig()   # its MLflow run (pipelines/stage_run.py)
+
+    def __post_init__(self) -> None:
+        earlier = [check_source(self.source)]
+        if self.receives and not self.passes and self.source == MAIN_SOURCE:
+            raise ValueError(f"receives={list(self.receives)}: the first pass has no earlier source to receive; "
+                             "set receives on a later pass (passes.<name>.receives)")
+        for name, later in self.passes.items():
+            check_source(name)
+            if name in earlier:
+                raise ValueError(f"caption pass {name!r}: the name is taken by an earlier pass ({earlier})")
+            unknown = [r for r in later.receives if r not in earlier]
+            if unknown:
+                raise ValueError(f"passes.{name}.receives={list(later.receives)}: {unknown} is not an earlier "
+                                 f"pass; expected some of {earlier}")
+            if not later.granularities:
+                raise ValueError(f"passes.{name}.granularities is empty; expected at least one granularity")
+            earlier.append(name)
+
+
+def passes_of(cfg: CaptionConfig) -> list[CaptionConfig]:
+    """Each pass of the job as a one-pass CaptionConfig, in order: the first, then `passes`."""
+    first = dataclasses.replace(cfg, passes={}, receives=())
+    return [first] + [dataclasses.replace(first, source=name, **{f.name: getattr(p, f.name)
+                                                                 for f in dataclasses.fields(PassConfig)})
+                      for name, p in cfg.passes.items()]
+
+
+def slots_of(cfg: CaptionConfig) -> tuple[Slot, ...]:
+    """Every caption the job writes per image: (source, granularity) of each pass."""
+    return tuple(Slot(view.source, g) for view in passes_of(cfg) for g in view.granularities)
 
 
 def default() -> CaptionConfig:
@@ -162,4 +206,27 @@ def template() -> CaptionConfig:
                          engine=EngineConfig(device=Device.CPU, batch_size=256, stage_cpus=0.25))
 
 
-PRESETS = {"default": default, "tiny": tiny, "hf": hf, "template": template, "demo": template}
+def paper() -> CaptionConfig:
+    """The two-model caption recipe reported in readings of TIPSv2 (Table 13; the official repository's
+    issue #38 describes the same two steps): pass a, a small VLM's captions of the image; pass b, a larger
+    model's detailed caption from the image, the alt-text and pass a's captions. Training alternates the
+    two sources on CLS2 (tipsv2.data.captions: uniform over the sources an image has, by default).
+    The paper's models are PaliGemma (a) and Gemini 1.5 Flash (b). PaliGemma takes a task prefix
+    ("caption en"), not chat messages, and Gemini is not an open model: our choice, open chat VLMs of
+    the same classes, a 3B (Qwen2.5-VL-3B-Instruct) and a 7B (Qwen2.5-VL-7B-Instruct), each on its own
+    engine replicas of the caption node type (`passes.b.engine.accelerator_type` moves b to another pool).
+    Pass a keeps our one-request captions at three granularities (one prefill per image)."""
+    first = default()
+    engine = first.engine
+    rewrite = PromptsConfig(long=PromptConfig(
+        text="Describe the image in detail: every object, its color, shape, position and relation to the others, "
+             "any text, and the background. Keep what the image shows; drop what it contradicts.",
+        max_tokens=384))
+    return dataclasses.replace(
+        first, source="a",
+        engine=dataclasses.replace(engine, model_source="Qwen/Qwen2.5-VL-3B-Instruct"),
+        passes={"b": PassConfig(receives=("a",), granularities=(Granularity.LONG,), prompts=rewrite,
+                                engine=dataclasses.replace(engine, model_source="Qwen/Qwen2.5-VL-7B-Instruct"))})
+
+
+PRESETS = {"paper": paper, "default": default, "tiny": tiny, "hf": hf, "template": template, "demo": template}

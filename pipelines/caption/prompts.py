@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from pipelines.caption.config import PromptsConfig, QualityConfig, Status
-from tipsv2.data.schema import Granularity
+from tipsv2.data.schema import Granularity, Slot
 
 # A granularity's field in the one-request answer may hold this many characters per token of its
 # max_tokens (English runs about 4 characters a token); tokens <= characters, so the request's token
@@ -29,7 +29,8 @@ class CaptionResult:
 
 
 def build_prompt(granularity: Granularity | str, alt_text: str | None, image_part: dict | None, *,
-                 prompts: PromptsConfig = PromptsConfig()) -> list[dict[str, Any]]:
+                 prompts: PromptsConfig = PromptsConfig(), context: dict[str, str] | None = None
+                 ) -> list[dict[str, Any]]:
     """OpenAI-style chat messages for one (image, granularity) request.
 
     With `image_part` (e.g. {"type": "image_url", ...}) the user turn is [image, text] content parts;
@@ -39,16 +40,27 @@ def build_prompt(granularity: Granularity | str, alt_text: str | None, image_par
     text = prompts.get(granularity).text
     if alt_text and alt_text.strip():
         text += f' The image\'s alt-text is: "{alt_text.strip()}".'
+    if context:
+        text += "\n" + "\n".join(context_lines(context))
     if image_part is None:
         return [{"role": "user", "content": text}]
     return [{"role": "user", "content": [image_part, {"type": "text", "text": text}]}]
 
 
+def context_lines(context: dict[str, str]) -> list[str]:
+    """A later pass's received captions, quoted verbatim in slot order (the main source's first)."""
+    return (["Captions of this image written earlier by another model (use what the image confirms):"]
+            + [f'- {name}: "{context[name]}"' for name in sorted(context, key=Slot.of)])
+
+
 def build_request(granularities: list[str], alt_text: str | None, image_part: dict | None, *,
-                  prompts: PromptsConfig = PromptsConfig()) -> list[dict[str, Any]]:
+                  prompts: PromptsConfig = PromptsConfig(), context: dict[str, str] | None = None
+                  ) -> list[dict[str, Any]]:
     """OpenAI-style chat messages asking for every granularity in `granularities` in one answer.
 
-    The image part comes first so that everything before the instructions is one shared prefix.
+    The image part comes first so that everything before the instructions is one shared prefix. `context`:
+    a later pass's received captions {slot name: text} (e.g. {"a_long": ...}), quoted verbatim after the
+    alt-text, in slot order.
     """
     keys = ", ".join(f'"{g}"' for g in granularities)
     lines = [f"Describe the image at {len(granularities)} levels of detail. Answer with one JSON object "
@@ -56,6 +68,8 @@ def build_request(granularities: list[str], alt_text: str | None, image_part: di
     lines += [f'- "{g}": {prompts.get(g).text}' for g in granularities]
     if alt_text and alt_text.strip():
         lines.append(f'The image\'s alt-text is: "{alt_text.strip()}".')
+    if context:
+        lines += context_lines(context)
     text = "\n".join(lines)
     if image_part is None:
         return [{"role": "user", "content": text}]

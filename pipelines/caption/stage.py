@@ -32,11 +32,12 @@ from typing import Any, Callable, Iterator
 
 from pipelines import cli, storage
 from pipelines.lineage import Kind
-from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig
+from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig, passes_of, slots_of
 from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, compact_partition, model_name, partition_name,
                                      partitions_on_disk)
 from pipelines.caption.tasks import COUNTERS, caption_dataset
 from pipelines.stage_run import tracked
+from tipsv2.data.schema import Slot
 
 
 def images_uri(cfg: CaptionConfig) -> str:
@@ -137,19 +138,19 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     generation = time.time_ns()   # files of this run win over earlier ones for an id
     cli.write_resolved_config(output, cfg)
     cli.init_ray(cfg.ray_num_cpus)
-    pace, counts = Pace(), dict.fromkeys(COUNTERS.names, 0)
-    results = caption_dataset(cfg, source, output, generation)
+    slots, passes = slots_of(cfg), {}
     try:
-        for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), cfg.watchdog):
-            for row in batch.to_pylist():
-                pace.arrived(row["images"])
-                counts = {k: counts[k] + row[k] for k in counts}
+        for view in passes_of(cfg):
+            passes[view.source] = caption_pass(view, source, output, generation, slots)
+            generation = time.time_ns()   # a later pass's files win over an earlier pass's for an id
         caption_seconds = clock.seconds()
         final = compact(cfg, source, output, generation)
     except Exception as err:
-        raise StageFailed(f"caption stopped after committing {counts['images']} images in this run: "
+        done = sum(p["images"] for p in passes.values())
+        raise StageFailed(f"caption stopped after committing {done} images in this run: "
                           f"{_root_cause(err)}. Every committed file is complete and stays; rerun the same command "
-                          f"to resume (finished images are skipped)") from err
+                          f"to resume (finished images are skipped, pass by pass)") from err
+    counts = {k: sum(p[k] for p in passes.values()) for k in COUNTERS.names}
     summary = {
         "stage": "caption", "backend": cfg.backend.value, "model": model_name(cfg), "input": source,
         "read": {"input_ids": final.pop("input_ids"), "already_captioned_ids": max(0, final["rows"] - counts["images"]),
@@ -160,11 +161,32 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
                     "captions_path": storage.join(output, CAPTIONS_DIR), "errors_path": storage.join(output, ERRORS_DIR),
                     **final},
         "metrics": {"images_per_s": round(counts["images"] / max(caption_seconds, 1e-9), 3),
-                    "captions_per_s": round(counts["captions"] / max(caption_seconds, 1e-9), 3), **pace.metrics()},
+                    "captions_per_s": round(counts["captions"] / max(caption_seconds, 1e-9), 3),
+                    **passes[cfg.source]["pace"]},
         "mlflow_run_id": None, "wall_time_s": clock.seconds(),
     }
+    if cfg.passes:
+        summary["passes"] = {name: {"model": model_name(view), "receives": list(view.receives),
+                                    "slots": [Slot(name, g).name for g in view.granularities],
+                                    **{k: v for k, v in passes[name].items() if k != "pace"}, **passes[name]["pace"]}
+                             for name, view in ((v.source, v) for v in passes_of(cfg))}
     cli.write_summary(output, summary)
     return summary
+
+
+def caption_pass(view: CaptionConfig, source: str, output: str, generation: int,
+                 slots: tuple[Slot, ...]) -> dict[str, Any]:
+    """One pass's streaming pipeline, run to its end: its COUNTERS summed, its pace and seconds. A later pass
+    starts when the earlier one has committed (its anti-join reads the captions it receives from the store):
+    a ray.data.llm processor takes every row it is given, so rows whose earlier pass is done cannot skip its
+    engine inside one chain."""
+    clock, pace, counts = cli.Stopwatch(), Pace(), dict.fromkeys(COUNTERS.names, 0)
+    results = caption_dataset(view, source, output, generation, slots)
+    for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), view.watchdog):
+        for row in batch.to_pylist():
+            pace.arrived(row["images"])
+            counts = {k: counts[k] + row[k] for k in counts}
+    return {**counts, "seconds": round(clock.seconds(), 3), "pace": pace.metrics()}
 
 
 def compact(cfg: CaptionConfig, source: str, output: str, generation: int) -> dict[str, Any]:
@@ -181,7 +203,7 @@ def compact(cfg: CaptionConfig, source: str, output: str, generation: int) -> di
     statuses: dict[str, dict[str, int]] = {}
     example = ""
     compacted = ray.data.from_items(items).map(compact_partition, fn_kwargs={
-        "output": output, "generation": generation + 1, "granularities": cfg.granularities},
+        "output": output, "generation": generation + 1, "slots": slots_of(cfg)},
         num_cpus=cfg.engine.stage_cpus)
     for row in compacted.iter_rows():
         out = {k: out[k] + row[k] if k != "files" else out[k] for k in out}

@@ -28,7 +28,7 @@ from pipelines.train.jobs import Faults, InjectedFaults, Job, Plan
 from pipelines.train.local import train_here
 from pipelines.train.worker import train_worker
 from tipsv2 import config_tree
-from pipelines.train.config import JobConfig, batch_split
+from pipelines.train.config import JobConfig, batch_split, optimizer_warning
 from tipsv2.loop import NonFiniteLoss
 from tipsv2.tokenizer import train_tokenizer
 
@@ -113,6 +113,8 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: F
     """Train `cfg` into `output` (local path or s3://); resumes or skips a previous run there."""
     clock = cli.Stopwatch()
     batch_split(cfg, local=local)   # a split that does not give data.global_batch fails here, naming the values
+    if (warning := optimizer_warning(cfg, local=local)) is not None:
+        print(f"{job.value}: {warning}")
     previous = cli.done_before(storage.join(output, cli.SUMMARY_FILE), cfg)
     if previous is not None and previous.get("complete"):
         print(f"{job.value}: {output} already holds a finished run of this config; nothing to do")
@@ -155,6 +157,7 @@ def run(job: Job, cfg: JobConfig, output: str, *, local: bool = False, faults: F
                "written": {"export": storage.join(output, EXPORT_DIR), "history": storage.join(output, HISTORY_FILE),
                            "checkpoints": storage.join(output, "ray", RUN_NAME)},
                "datasets": [d.brief() | {"kind": d.kind.value} for d in datasets], "registered_model": model,
+               "cls2_captions": data.source_counts(texts, cfg.data.captions),   # which caption sources CLS2 draws
                "mlflow_run_id": sink.run_id, "wall_s": clock.seconds()})
     cli.write_summary(output, summary)
     sink.close()

@@ -24,7 +24,7 @@ from tipsv2.data.captions import (CaptionFallback, CaptionSamplingConfig, exampl
                                   sample_caption)
 from tipsv2.data.crops import PATCH_SIZE, CropConfig, make_crops
 from tipsv2.data.masking import MaskingConfig, make_mask, random_mask
-from tipsv2.data.schema import Granularity
+from tipsv2.data.schema import Granularity, Slot
 
 GRANULARITY_INDEX: dict[Granularity, int] = {g: i for i, g in enumerate(Granularity)}
 FALLBACK_INDEX = -1      # `Batch.granularity` when CLS2 trains on the alt-text
@@ -44,6 +44,7 @@ class Example:
     synthetic: str                       # CLS2 target text
     granularity: Granularity | None      # of `synthetic`; None when it is the alt-text
     fallback: CaptionFallback = CaptionFallback.NONE
+    source: str | None = None            # caption source of `synthetic`; None when it is the alt-text
     seed: int = 0                        # (seed, epoch) this example was drawn with; seeds its mask
     epoch: int = 0
 
@@ -87,7 +88,7 @@ def decode_image(image: bytes | Image.Image, *, example_id: str) -> Image.Image:
 
 
 def make_example(image: bytes | Image.Image, *, example_id: str, alt_text: str | None,
-                 captions: dict[Granularity, str | None], epoch: int, crop_cfg: CropConfig,
+                 captions: dict[Slot | Granularity, str | None], epoch: int, crop_cfg: CropConfig,
                  caption_cfg: CaptionSamplingConfig) -> Example:
     """Decode, crop and pick texts for one row; seeded by (caption_cfg.seed, epoch, example_id).
 
@@ -101,7 +102,7 @@ def make_example(image: bytes | Image.Image, *, example_id: str, alt_text: str |
                            rng=example_rng(seed=seed, epoch=epoch, example_id=example_id, stream="caption"))
     return Example(id=example_id, global_crop=crops.global_crop, local_crops=crops.local_crops,
                    alt_text=texts.alt_text, synthetic=texts.synthetic, granularity=texts.granularity,
-                   fallback=texts.fallback, seed=seed, epoch=epoch)
+                   fallback=texts.fallback, source=texts.source, seed=seed, epoch=epoch)
 
 
 def _masks(examples: list[Example], *, grid: tuple[int, int], masking_cfg: MaskingConfig | None,
