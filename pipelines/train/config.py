@@ -117,9 +117,9 @@ def optimizer_warning(cfg: PretrainConfig | DistillConfig, *, local: bool = Fals
     return (f"warning: optim.optimizer=adafactor at engine.zero_stage={stage}: DeepSpeed hands it flat 1-D "
             "partitions, so its second moments are unfactored and its update scale is the RMS of a partition, "
             "not of each parameter (not the local loop's or the paper's Adafactor); engine.zero_stage=0 keeps it "
-            "whole" + ("; at ZeRO-3 with clipping the tiny preset's loss was non-finite at step 1 (S/14's was "
-                       "not; cause not found: bench/results/train.json)" if stage == 3 and cfg.optim.clip_grad > 0
-                       else ""))
+            "whole" + ("; at ZeRO-3 with clipping and weight decay the tiny preset's loss was non-finite at step 1 "
+                       "(S/14's was not; either one alone trained; cause not found: bench/results/train.json)"
+                       if stage == 3 and cfg.optim.clip_grad > 0 and cfg.optim.weight_decay > 0 else ""))
 
 
 def _paper_engine(zero_stage: int, grad_accum: int) -> EngineConfig:
