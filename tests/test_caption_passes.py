@@ -200,3 +200,61 @@ def test_pretraining_on_two_caption_passes_alternates_the_sources_on_cls2(ray_lo
     described = lineage.describe(str(captions / "captions"), lineage.Kind.CAPTIONS)
     assert {p["source"] for p in described.provenance} == {"main", "b"}
     assert described.digest in {d["digest"] for d in summary["datasets"]}
+
+
+# ---------------------------------------------------------------- a real kill inside the later pass
+
+def _ids_with(out: Path, slot: str) -> set[str]:
+    """Ids whose committed rows hold `slot`'s provenance (any status), over every file written so far."""
+    found: set[str] = set()
+    for f in sorted((out / "captions").rglob("part-*.parquet")) if (out / "captions").exists() else []:
+        try:
+            table = pq.read_table(f, columns=["id", "provenance"])
+        except (OSError, pa.ArrowInvalid):   # a file being written: the next poll reads it
+            continue
+        found |= {i for i, p in zip(table["id"].to_pylist(), table["provenance"].to_pylist()) if f'"{slot}"' in p}
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_inside_the_later_pass_then_rerun_gives_every_image_and_pass_once(ray_local, tmp_path):
+    """`python -m pipelines.caption` (two template passes) killed as soon as pass b has committed a file; the
+    rerun redoes pass b for the images it had not reached (and the failing ones), pass main for none but its
+    failures, and leaves every (image, pass) once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    n = 64
+    ids = _images(tmp_path / "in", n)
+    out = tmp_path / "out"
+    sets = [f"input={tmp_path / 'in'}", "shard_rows=2", "engine.batch_size=2", "passes.b.receives=main",
+            "passes.b.backend=template", "passes.b.template.long=B: {received}", "passes.b.quality.min_words=1",
+            "passes.b.engine.stage_cpus=0.25", "passes.b.engine.batch_size=2"]
+    argv = [sys.executable, "-m", "pipelines.caption", "--config", "template", "--output", str(out)]
+    for assignment in sets:
+        argv += ["--set", assignment]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not _ids_with(out, "b_long") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)   # a write in flight may still land; what counts is the state the rerun finds
+    reached = _ids_with(out, "b_long")
+    assert proc.returncode == -signal.SIGKILL and 0 < len(reached) < n, (
+        f"the kill should land inside pass b: {len(reached)} of {n}; {proc.stderr.read().decode()[-2000:]}")
+    assert _ids_with(out, "long") == set(ids), "pass main had finished before pass b began"
+
+    cfg = caption.template()
+    for assignment in sets:
+        cfg = config_tree.override(cfg, assignment)
+    failing = {i for i in ids if int(i[3:]) % 4 == 0}              # no alt-text: main errors, b ungrounded
+    rerun = caption.run(cfg, str(out))
+    assert rerun["passes"]["main"]["images"] == len(failing)
+    assert rerun["passes"]["b"]["images"] == len(set(ids) - reached) + len(reached & failing)
+    final = _rows(out)
+    assert sorted(final) == ids and all({"short", "medium", "long", "b_long"} == set(r["provenance"])
+                                        for r in final.values())

@@ -138,13 +138,15 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     generation = time.time_ns()   # files of this run win over earlier ones for an id
     cli.write_resolved_config(output, cfg)
     cli.init_ray(cfg.ray_num_cpus)
-    slots, passes = slots_of(cfg), {}
+    slots, views, passes = slots_of(cfg), passes_of(cfg), {}
+    # Every pass's pipeline is built (lazily: nothing runs) before the first starts, so a config a backend
+    # refuses fails here, as it is; a later pass's generation is later, so its files win for an id.
+    pipelines = [(view, caption_dataset(view, source, output, generation + i, slots)) for i, view in enumerate(views)]
     try:
-        for view in passes_of(cfg):
-            passes[view.source] = caption_pass(view, source, output, generation, slots)
-            generation = time.time_ns()   # a later pass's files win over an earlier pass's for an id
+        for view, results in pipelines:
+            passes[view.source] = caption_pass(results, view.watchdog)
         caption_seconds = clock.seconds()
-        final = compact(cfg, source, output, generation)
+        final = compact(cfg, source, output, generation + len(views))
     except Exception as err:
         done = sum(p["images"] for p in passes.values())
         raise StageFailed(f"caption stopped after committing {done} images in this run: "
@@ -174,15 +176,13 @@ def run(cfg: CaptionConfig, output: str) -> dict[str, Any]:
     return summary
 
 
-def caption_pass(view: CaptionConfig, source: str, output: str, generation: int,
-                 slots: tuple[Slot, ...]) -> dict[str, Any]:
-    """One pass's streaming pipeline, run to its end: its COUNTERS summed, its pace and seconds. A later pass
-    starts when the earlier one has committed (its anti-join reads the captions it receives from the store):
-    a ray.data.llm processor takes every row it is given, so rows whose earlier pass is done cannot skip its
-    engine inside one chain."""
+def caption_pass(results, watchdog: WatchdogConfig) -> dict[str, Any]:
+    """One pass's streaming pipeline (tasks.caption_dataset), run to its end: its COUNTERS summed, its pace and
+    seconds. A later pass starts when the earlier one has committed (its anti-join reads the captions it
+    receives from the store): a ray.data.llm processor takes every row it is given, so rows whose earlier pass
+    is done cannot skip its engine inside one chain."""
     clock, pace, counts = cli.Stopwatch(), Pace(), dict.fromkeys(COUNTERS.names, 0)
-    results = caption_dataset(view, source, output, generation, slots)
-    for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), view.watchdog):
+    for batch in watched(results.iter_batches(batch_size=None, batch_format="pyarrow"), watchdog):
         for row in batch.to_pylist():
             pace.arrived(row["images"])
             counts = {k: counts[k] + row[k] for k in counts}
