@@ -68,6 +68,7 @@ from bench.common import RESULTS, machine
 from tipsv2 import config_tree
 from tipsv2.configs import PretrainConfig, distill_preset, preset
 from tipsv2.data import synthetic
+from tipsv2.distill import StudentText
 from tipsv2.distill_loop import distill_local
 from tipsv2.eval import probes, retrieval
 from tipsv2.eval.features import embed_texts, extract_features, model_image_encoder, model_text_encoder
@@ -246,11 +247,15 @@ def controls(encode_image, encode_text, test: Sequence[synthetic.Scene], scenes_
 
 
 def train_arm(arm: Arm, *, seed: int, steps: int, records: Sequence[Record], tokenizer: Tokenizer,
-              teacher: Any = None, family: Family = Family.COLOUR) -> tuple[LocalResult, torch.nn.Module, Any]:
+              teacher: Any = None, family: Family = Family.COLOUR, student_text: StudentText = StudentText.RANDOM
+              ) -> tuple[LocalResult, torch.nn.Module, Any]:
     """(result, the model to evaluate, its config) of one arm; `teacher` is the task of TEACHER[arm] for a
-    student arm (the preset's size, random init, unmasked, the teacher's EMA heads reused)."""
+    student arm (the preset's size, random init, unmasked, the teacher's EMA heads reused; its text tower as
+    `student_text` says, the paper's Table 2 ablation)."""
     if arm in TEACHER:
-        cfg = dataclasses.replace(distill_preset(PRESET[family]), steps=steps, seed=seed)
+        cfg = distill_preset(PRESET[family])
+        cfg = dataclasses.replace(cfg, steps=steps, seed=seed,
+                                  task=dataclasses.replace(cfg.task, student_text=student_text))
         result = distill_local(cfg, teacher=teacher.model, records=records, tokenizer=tokenizer,
                                teacher_heads=(teacher.teacher_dino_head, teacher.teacher_patch_head))
         return result, result.task.student, cfg
@@ -260,26 +265,35 @@ def train_arm(arm: Arm, *, seed: int, steps: int, records: Sequence[Record], tok
     return result, result.task.model, cfg
 
 
-Job = tuple[Family, int, tuple[Arm, ...], int, str]   # family, seed, arms in order, steps, tokenizer path
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """Arms of one seed run in order in one process (a teacher before its students)."""
+    family: Family
+    seed: int
+    arms: tuple[Arm, ...]
+    steps: int
+    tokenizer: str                       # path of the sentencepiece model every arm shares
+    student_text: StudentText = StudentText.RANDOM
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:
-    """One seed's arms in this process (a student arm follows the arm that teaches it)."""
-    family, seed, arms, steps, tokenizer_path = job
     torch.set_num_threads(int(os.environ.get("TIPSV2_BENCH_THREADS", torch.get_num_threads())))
-    cfg = preset(PRESET[family])
+    cfg = preset(PRESET[job.family])
     records = synthetic_records(cfg.data.synthetic)
-    tokenizer = Tokenizer(tokenizer_path, max_len=cfg.task.model.text.max_len)
+    tokenizer = Tokenizer(job.tokenizer, max_len=cfg.task.model.text.max_len)
     rows, trained = [], {}
-    for arm in arms:
+    for arm in job.arms:
         start = time.perf_counter()
-        result, model, arm_cfg = train_arm(arm, family=family, seed=seed, steps=steps, records=records,
-                                           tokenizer=tokenizer, teacher=trained.get(TEACHER.get(arm)))
+        result, model, arm_cfg = train_arm(arm, family=job.family, seed=job.seed, steps=job.steps, records=records,
+                                           tokenizer=tokenizer, teacher=trained.get(TEACHER.get(arm)),
+                                           student_text=job.student_text)
         train_s = time.perf_counter() - start
         if arm in TEACHER.values():
             trained[arm] = result.task
         metrics = evaluate(model, tokenizer, cfg)
-        rows.append({"arm": arm.value, "family": family.value, "seed": seed, "train_s": train_s, "eval_s": time.perf_counter() - start - train_s,
+        seed = job.seed
+        rows.append({"arm": arm.value, "family": job.family.value, "seed": seed, "train_s": train_s,
+                     "eval_s": time.perf_counter() - start - train_s,
                      "metrics": metrics, "config": config_tree.to_dict(arm_cfg),
                      "history": [{k: v for k, v in r.items() if k.startswith(("loss/", "step"))}
                                  for r in result.history[::10]]})
@@ -290,7 +304,7 @@ def run_job(job: Job) -> list[dict[str, Any]]:
 
 
 def jobs(family: Family, seeds: Sequence[int], steps: int, tokenizer_path: str,
-         arms: Sequence[Arm] = DEFAULT_ARMS) -> list[Job]:
+         arms: Sequence[Arm] = DEFAULT_ARMS, student_text: StudentText = StudentText.RANDOM) -> list[Job]:
     """Per seed, one process each: a teacher arm then the students it teaches (ibot_pp, ibot, ibot_large),
     full_ema; the control on the first CONTROL_SEEDS seeds. `arms` keeps a subset (a student brings its
     teacher)."""
@@ -299,7 +313,7 @@ def jobs(family: Family, seeds: Sequence[int], steps: int, tokenizer_path: str,
         taught = [(t, *(s for s in TEACHER if TEACHER[s] == t and s in arms)) for t in dict.fromkeys(TEACHER.values())]
         groups = [g for g in taught if g[0] in arms or len(g) > 1] + [(Arm.FULL_EMA,)] * (Arm.FULL_EMA in arms)
         groups += [(Arm.SHUFFLED,)] * (i < CONTROL_SEEDS and Arm.SHUFFLED in arms)
-        out += [(family, seed, group, steps, tokenizer_path) for group in groups]
+        out += [Job(family, seed, group, steps, tokenizer_path, student_text) for group in groups]
     return out
 
 
@@ -449,7 +463,8 @@ def rebuild(mlflow_dir: Path, invocation: str | None = None) -> tuple[list[dict[
 
 
 def run(*, family: Family, steps: int, seeds: Sequence[int], mlflow_dir: Path, out: Path,
-        parallel: bool | None = None, arms: Sequence[Arm] = DEFAULT_ARMS) -> dict[str, Any]:
+        parallel: bool | None = None, arms: Sequence[Arm] = DEFAULT_ARMS,
+        student_text: StudentText = StudentText.RANDOM) -> dict[str, Any]:
     wall = time.perf_counter()
     load_start = os.getloadavg()
     parallel = load_start[0] < 1.0 if parallel is None else parallel
@@ -461,7 +476,7 @@ def run(*, family: Family, steps: int, seeds: Sequence[int], mlflow_dir: Path, o
         # One tokenizer for every arm (trained on the unshuffled texts: the control shuffles pairs, not words).
         fit_tokenizer(synthetic_records(cfg.data.synthetic), cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
                       max_len=cfg.task.model.text.max_len)
-        work = jobs(family, seeds, steps, str(Path(tmp) / "spm.model"), arms)
+        work = jobs(family, seeds, steps, str(Path(tmp) / "spm.model"), arms, student_text)
         if parallel:
             os.environ["TIPSV2_BENCH_THREADS"] = "1"
             with multiprocessing.get_context("spawn").Pool(2) as pool:
@@ -473,14 +488,16 @@ def run(*, family: Family, steps: int, seeds: Sequence[int], mlflow_dir: Path, o
     summary = summarise(runs)
     wall_s = time.perf_counter() - wall
     load_end = os.getloadavg()
-    header = (f"Scenes labelled by {family.value} (preset `{PRESET[family]}`). "
+    header = (f"Scenes labelled by {family.value} (preset `{PRESET[family]}`); students' text tower: "
+              f"{student_text.value}. "
               f"{len(seeds)} seeds x {steps} steps of batch {cfg.data.batch_size} per run "
               f"({steps * cfg.data.batch_size / cfg.data.synthetic.train_size:.1f} epochs of "
               f"{cfg.data.synthetic.train_size} scenes of {cfg.data.synthetic.image_size} px); evaluated on "
               f"{cfg.data.synthetic.test_size} test scenes. Wall time {wall_s / 60:.1f} min on "
               f"{os.cpu_count()} cores, {'two processes of one thread' if parallel else 'one process'}; "
               f"1-min load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end.")
-    payload = {"family": family.value, "steps": steps, "seeds": list(seeds), "wall_s": wall_s, "machine": machine(), "parallel": parallel,
+    payload = {"family": family.value, "student_text": student_text.value, "steps": steps, "seeds": list(seeds),
+               "wall_s": wall_s, "machine": machine(), "parallel": parallel,
                "load_average": {"start": load_start, "end": load_end}, "invocation": invocation,
                "mlflow": {"uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}", "experiment": EXPERIMENT},
                "rules": [dataclasses.asdict(r) for r in RULES], **summary,
@@ -507,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", choices=[a.value for a in Arm], default=[a.value for a in DEFAULT_ARMS],
                         help="run these arms only (a student arm brings its teacher); default: all but the "
                              "larger-teacher pair ibot_large, distilled_ibot_large")
+    parser.add_argument("--student-text", choices=[t.value for t in StudentText], default=StudentText.RANDOM.value,
+                        help="the students' text tower: random (default), from_teacher (trained) or frozen_teacher "
+                             "(the paper's Table 2 ablation; the teacher's text config must be the student's)")
     parser.add_argument("--rebuild", action="store_true", help="the table of the latest invocation, from MLflow")
     parser.add_argument("--invocation", help="with --rebuild: which invocation (default: the latest)")
     args = parser.parse_args(argv)
@@ -517,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
     family = Family(args.family)
     run(family=family, steps=args.steps or preset(PRESET[family]).steps, seeds=args.seeds, mlflow_dir=args.mlflow_dir,
         out=args.out,
-        parallel=False if args.serial else True if args.parallel else None, arms=[Arm(a) for a in args.arms])
+        parallel=False if args.serial else True if args.parallel else None, arms=[Arm(a) for a in args.arms],
+        student_text=StudentText(args.student_text))
 
 
 if __name__ == "__main__":
