@@ -127,3 +127,19 @@ def test_a_student_text_tower_of_another_shape_cannot_start_from_the_teachers(se
     with pytest.raises(ValueError, match="student_text=from_teacher copies the teacher's text tower, which needs "
                                          "the same text config"):
         build_distill_task(cfg, teacher=teacher, teacher_heads=heads)
+
+
+def test_a_teacher_larger_than_its_student(setup):
+    """The paper's distillation study teaches a smaller student (g/14 -> L/14): the teacher's heads read its own
+    width, the student's heads its own, and both share the teacher's prototypes."""
+    cfg, records, tokenizer, _, _ = setup
+    small = cfg.task.student
+    wide = replace(small, vision=replace(small.vision, width=128, heads=4, mlp_dim=512, depth=small.vision.depth + 2),
+                   text=replace(small.text, width=128, heads=4, mlp_dim=512))
+    torch.manual_seed(7)
+    teacher = build_model(wide)
+    heads = (DinoHead(teacher.width, cfg.task.head), DinoHead(teacher.width, cfg.task.head))
+    result = distill_local(cfg, teacher=teacher, teacher_heads=heads, records=records, tokenizer=tokenizer)
+    assert (result.task.teacher.width, result.task.student.width) == (128, small.vision.width)
+    assert all(math.isfinite(row["loss/total"]) for row in result.history)
+    assert result.task.patch_head.prototypes.shape == heads[1].prototypes.shape

@@ -148,6 +148,17 @@ def learning() -> PretrainConfig:
                    optim=replace(cfg.optim, lr=1e-3, warmup_steps=20))
 
 
+def learning_shape() -> PretrainConfig:
+    """`bench/learning.py --family shape`: the `learning` recipe on scenes whose class is an object's outline
+    (Label.SHAPE), which no single patch's colour shows; captions and alt-text name the shapes. Nothing else
+    differs from `learning`: no setting explored on the tuning seeds 1000-1009 (steps to 1200, one object per
+    scene, one colour, near-whole square crops, lr, loss weight, masking, a wider model) brought the TIPSv2 arm
+    to 2x chance (bench/results/learning_shape_exploration.md), so none was adopted; this is the hard case."""
+    cfg = learning()
+    scenes = replace(cfg.data.synthetic, label=Label.SHAPE)
+    return replace(cfg, data=replace(cfg.data, synthetic=scenes))
+
+
 def demo() -> PretrainConfig:
     """`make demo`: the `learning` recipe (above) through the whole chain, so that the report shows what the
     recipe learns. Its scenes are labelled by colour: this tiny model stays at chance on shape outlines
@@ -243,6 +254,7 @@ PRESETS: dict[str, Callable[[], PretrainConfig]] = {
     "tiny": tiny,
     "demo": demo,
     "learning": learning,
+    "learning_shape": learning_shape,
     **_paper_presets(Stage.LOW_RES, ""),
     **_paper_presets(Stage.HIGH_RES, "_hr"),
 }
