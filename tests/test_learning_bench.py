@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from bench.learning import DEFAULT_ARMS, PRESET, TEACHER, Arm, Family, jobs, larger, pretrain_config
+import math
+
+import pytest
+
+from bench.learning import (DEFAULT_ARMS, GOLDEN_FACTOR, PRESET, RULES, TEACHER, Arm, Family, detectable, golden, jobs,
+                            larger, pretrain_config, verdict)
 from tipsv2.configs import preset
 from tipsv2.data.synthetic import Label
 from tipsv2.losses.ibot import PatchLossKind
@@ -11,7 +16,8 @@ from tipsv2.losses.ibot import PatchLossKind
 def test_a_student_runs_after_its_teacher_in_one_process():
     work = jobs(Family.SHAPE, [5, 6], 10, "spm.model")
     assert [job.arms for job in work if job.seed == 5] == [
-        (Arm.IBOT_PP, Arm.DISTILLED), (Arm.IBOT, Arm.DISTILLED_IBOT), (Arm.FULL_EMA,), (Arm.SHUFFLED,)]
+        (Arm.IBOT_PP, Arm.DISTILLED), (Arm.IBOT, Arm.DISTILLED_IBOT), (Arm.FULL_EMA,), (Arm.NO_PATCH,),
+        (Arm.SHUFFLED,)]
     assert all(job.family == Family.SHAPE and job.steps == 10 for job in work)
     assert {a for job in work for a in job.arms} == set(DEFAULT_ARMS)
     only = jobs(Family.COLOUR, [0], 10, "spm.model", [Arm.DISTILLED_IBOT_LARGE])
@@ -36,3 +42,46 @@ def test_each_family_trains_its_own_scenes():
     for family, label in ((Family.COLOUR, Label.COLOUR), (Family.SHAPE, Label.SHAPE)):
         cfg = pretrain_config(Arm.IBOT_PP, family=family, steps=3, seed=9)
         assert cfg.data.synthetic == preset(PRESET[family]).data.synthetic and cfg.data.synthetic.label == label
+
+
+def test_the_no_patch_control_drops_only_the_patch_loss():
+    plain = pretrain_config(Arm.IBOT_PP, family=Family.COLOUR, steps=1, seed=0)
+    cut = pretrain_config(Arm.NO_PATCH, family=Family.COLOUR, steps=1, seed=0)
+    assert cut.task.patch.weight == 0 and plain.task.patch.weight > 0
+    assert cut.task.patch.__class__(**{**vars(cut.task.patch), "weight": plain.task.patch.weight}) == plain.task.patch
+
+
+def rule(kind: str):
+    return next(r for r in RULES if r.kind == kind)
+
+
+def test_verdicts_by_hand():
+    """d = (0.1, 0.2, 0.3): mean 0.2, sd 0.1, se 0.0577; t(0.975, 2) = 4.303, t(0.95, 2) = 2.920."""
+    improves, noninferior = rule("improves"), rule("noninferior")
+    got = verdict(improves, [0.1, 0.2, 0.3])
+    assert got["ci"] == pytest.approx([0.2 - 4.303 * 0.1 / math.sqrt(3), 0.2 + 4.303 * 0.1 / math.sqrt(3)], abs=1e-3)
+    assert got["verdict"] == "inconclusive"                             # low -0.048 < 0 < high
+    assert verdict(improves, [0.10, 0.11, 0.12])["verdict"] == "reproduced"
+    assert verdict(improves, [-0.10, -0.11, -0.12])["verdict"] == "not reproduced"   # high < +0.02
+    # non-inferior at margin 0.05: 90 % CI of (0.0, 0.01, 0.02) is 0.01 +- 2.920 * 0.01 / sqrt(3) = [-0.007, 0.027]
+    assert verdict(noninferior, [0.0, 0.01, 0.02])["verdict"] == "reproduced"
+    assert verdict(noninferior, [-0.10, -0.11, -0.12])["verdict"] == "not reproduced"
+    assert verdict(noninferior, [-0.2, 0.0, 0.2])["verdict"] == "inconclusive"
+
+
+def test_power_by_hand():
+    """sd 0.1 over 16 seeds: se 0.025; t(0.975, 15) = 2.131, t(0.8, 15) = 0.866, t(0.95, 15) = 1.753."""
+    improves, noninferior = rule("improves"), rule("noninferior")
+    assert detectable(improves, 0.1, 16) == pytest.approx((2.131 + 0.866) * 0.025, abs=1e-4)
+    assert detectable(noninferior, 0.1, 16) == pytest.approx(-0.05 + (1.753 + 0.866) * 0.025, abs=1e-4)
+    assert detectable(improves, 0.1, 64) < detectable(improves, 0.1, 16)
+
+
+def test_golden_counts_the_seeds_that_clear_the_bar():
+    bar = GOLDEN_FACTOR * 0.2
+    by = {("ibot_pp", 0): {"patch/accuracy": bar, "patch/chance": 0.2},
+          ("ibot_pp", 1): {"patch/accuracy": bar - 0.01, "patch/chance": 0.2},
+          ("no_patch", 0): {"patch/accuracy": 0.1, "patch/chance": 0.2}}
+    got = golden(by)["arms"]
+    assert (got["ibot_pp"]["cleared"], got["ibot_pp"]["seeds"]) == (1, 2)
+    assert (got["no_patch"]["cleared"], got["no_patch"]["seeds"]) == (0, 1)
