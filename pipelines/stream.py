@@ -20,6 +20,7 @@ epoch's pipeline starts while the current one is consumed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import queue
@@ -202,45 +203,58 @@ def epoch_dataset(source: Source, *, pieces: list[dict[str, Any]], ids: Sequence
                           batch_format="pyarrow", batch_size=spec.batch_size, num_cpus=DECODE_CPUS)
 
 
+def epoch_batches(build: Callable[[], Any], *, epoch: int, spec: StreamSpec, tokenizer) -> Iterator[Batch]:
+    """One epoch's collated batches from the Ray Dataset `build()` makes; closing the generator early stops
+    the Ray Data execution."""
+    iterator = iter(build().iter_batches(batch_size=spec.batch_size, batch_format="numpy", drop_last=False))
+    try:
+        for columns in iterator:
+            if len(columns["id"]) != spec.batch_size:
+                raise RuntimeError(f"epoch {epoch}: got a batch of {len(columns['id'])} rows, expected "
+                                   f"{spec.batch_size} (rank positions are whole batches)")
+            yield collate(_examples(columns, epoch), tokenizer=tokenizer, masking_cfg=spec.masking,
+                          patch_size=spec.patch_size)
+    finally:
+        iterator.close()
+
+
 class _EpochFeed:
-    """Builds and runs one epoch's pipeline in a background thread into a bounded queue of collated batches
-    (building it reads Parquet metadata: not on the training thread)."""
+    """Runs `produce` (one epoch's batches: `epoch_batches`, whose pipeline build reads Parquet metadata: not
+    on the training thread) in a background thread into a bounded queue. `close()` stops it whether or not
+    the consumer read to the end."""
 
     _END = object()
 
-    def __init__(self, build: Callable[[], Any], *, epoch: int, spec: StreamSpec, tokenizer) -> None:
+    def __init__(self, produce: Callable[[], Iterator[Any]]) -> None:
         self.queue: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self.error: BaseException | None = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(build, epoch, spec, tokenizer), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
         self.thread.start()
 
-    def _run(self, build: Callable[[], Any], epoch: int, spec: StreamSpec, tokenizer) -> None:
-        iterator = None
+    def _offer(self, item: Any) -> bool:
+        """Put `item` once the queue has room; False, without waiting, once the consumer has left (a blocking
+        put into a full queue nobody reads would keep the thread, and close(), waiting)."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, produce: Callable[[], Iterator[Any]]) -> None:
         try:
-            iterator = iter(build().iter_batches(batch_size=spec.batch_size, batch_format="numpy", drop_last=False))
-            for columns in iterator:
-                if len(columns["id"]) != spec.batch_size:
-                    raise RuntimeError(f"epoch {epoch}: got a batch of {len(columns['id'])} rows, expected "
-                                       f"{spec.batch_size} (rank positions are whole batches)")
-                batch = collate(_examples(columns, epoch), tokenizer=tokenizer, masking_cfg=spec.masking,
-                                patch_size=spec.patch_size)
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(batch, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
+            with contextlib.closing(produce()) as items:
+                for item in items:
+                    if not self._offer(item):
+                        return
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             self.error = err
         finally:
-            if iterator is not None:
-                iterator.close()   # stops the Ray Data execution when the consumer left early
-        self.queue.put(self._END)
+            self._offer(self._END)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Any]:
         while True:
             item = self.queue.get()
             if item is self._END:
@@ -282,7 +296,8 @@ class RankStream:
         build = functools.partial(epoch_dataset, self.source, pieces=self.pieces, ids=self.ids,
                                   texts_ref=self.texts_ref, spec=self.spec, epoch=epoch, rank=self.rank,
                                   world=self.world, start_batch=start_batch)
-        return _EpochFeed(build, epoch=epoch, spec=self.spec, tokenizer=self.tokenizer)
+        return _EpochFeed(functools.partial(epoch_batches, build, epoch=epoch, spec=self.spec,
+                                            tokenizer=self.tokenizer))
 
     def __iter__(self) -> RankStream:
         return self
