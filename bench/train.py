@@ -37,9 +37,10 @@ MB and ZeRO-2 2734 MB (predicted 3303 / 2684); in bf16, ZeRO-1 2122 MB, ZeRO-2 2
 masters whole, one bucket at ZeRO-3). Tiny at ZeRO 0-3: 18.7 / 15.0 / 15.0 / 208 MB (predicted 17.4 /
 13.3 / 13.3 / 202); S/14: 1374 / 1081 / 1081 / 1038 MB (predicted 1373 / 1056 / 1056 / 1035). With Adafactor (a loaded machine; the step times are not rates): B/14
 ZeRO-0 1835 MB, ZeRO-2 2313 MB, bf16 ZeRO-0 1892 MB (predicted 1834 / 2261 / 1890); S/14 ZeRO 0-3 745 / 1022
-/ 927 / 881 MB (predicted 743 / 901 / 901 / 879); tiny at ZeRO-3 with clipping 3.0 and weight decay 0.04
-diverged at step 1 (NaN; it trained with optim.clip_grad=0, and with optim.weight_decay=0; S/14 trained with
-both; cause not found). Stages 1 and 2
+/ 927 / 881 MB (predicted 743 / 901 / 901 / 879); tiny ZeRO-3 206 MB (predicted 199). Tiny at ZeRO-3 had
+been NaN at step 1: DeepSpeed leaves ZeRO-3's partition padding as allocated, and Adafactor's update scale (the
+RMS of the flat partition) read an inf there; the trainer now zeroes the padding
+(pipelines.train.zero.clear_partition_padding). Stages 1 and 2
 are equal at grad_accum 1 because DeepSpeed 0.19.8 (zero/stage_1_and_2.py, `reduce_gradients`) reduces
 stage 1's gradients at the accumulation boundary through the same buckets as stage 2 and drops the ones this rank
 does not own before `engine.backward` returns: stage 1 holds full gradients only between micro-steps

@@ -36,6 +36,7 @@ class Case:
     grad_accum: int
     cached: bool = True
     optimizer: str = "sgd"   # sgd: lr 1, the change is minus the gradient; adafactor: torch's, lr ADAFACTOR_LR
+    nan_memory: bool = False   # deepspeed.initialize with torch.empty filled with NaN (what fresh memory may hold)
 
 
 def micro_batches(rank: int, case: Case):
@@ -58,7 +59,9 @@ CASES = (Case(zero_stage=0, batch=8, grad_accum=4), Case(zero_stage=0, batch=32,
          Case(zero_stage=2, batch=8, grad_accum=4), Case(zero_stage=2, batch=32, grad_accum=1),
          Case(zero_stage=3, batch=8, grad_accum=4), Case(zero_stage=2, batch=8, grad_accum=4, cached=False),
          Case(zero_stage=0, batch=8, grad_accum=4, optimizer="adafactor"),
-         Case(zero_stage=2, batch=8, grad_accum=4, optimizer="adafactor"))
+         Case(zero_stage=2, batch=8, grad_accum=4, optimizer="adafactor"),
+         Case(zero_stage=3, batch=8, grad_accum=4, optimizer="adafactor"),
+         Case(zero_stage=3, batch=8, grad_accum=4, optimizer="adafactor", nan_memory=True))
 
 
 def rank_main(rank: int, port: int, out: str) -> None:
@@ -75,7 +78,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
 
 def name(case: Case) -> str:
     return (f"z{case.zero_stage}_b{case.batch}_k{case.grad_accum}_{'cached' if case.cached else 'per_micro_batch'}"
-            f"_{case.optimizer}")
+            f"_{case.optimizer}{'_nan_memory' if case.nan_memory else ''}")
 
 
 def make_optimizer(task, kind: str) -> torch.optim.Optimizer:
@@ -101,8 +104,14 @@ def one_case(rank: int, case: Case, out: Path) -> None:
     config = deepspeed_config(engine_cfg, batch_size=case.batch, clip_grad=0.0, world=WORLD)
     zero = Zero(case.zero_stage)
     zero.patch_deepspeed()   # as the trainer does
-    engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=config, dist_init_required=False)
-    zero.declare_external_parameters(task)
+    # torch fills what torch.empty returns with NaN in deterministic mode: the worst that fresh memory may hold.
+    torch.use_deterministic_algorithms(case.nan_memory)
+    try:
+        engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=config, dist_init_required=False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    zero.declare_external_parameters(task)   # as the trainer does (pipelines.train.worker)
+    padding = all_reduce_sum(torch.tensor(float(zero.clear_padding(engine.optimizer)))).item()   # every rank's
     batches = micro_batches(rank, case)
     parts = contrastive_parts(engine, batches, step=STEP, cfg=cfg.contrastive if case.cached else None,
                               gather=all_gather_cat, rank=rank)
@@ -114,7 +123,7 @@ def one_case(rank: int, case: Case, out: Path) -> None:
     if rank == 0:
         out.mkdir(parents=True)
         save_file({n: before[n] - after[n] for n in before}, str(out / "grads.safetensors"))
-        (out / "losses.json").write_text(json.dumps(mean))
+        (out / "losses.json").write_text(json.dumps(mean | {"padding": padding}))
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +221,17 @@ def test_adafactor_at_zero2_is_not_the_local_loops_adafactor(cases, one_process)
     ratios = [float(got[n].norm() / want[n].norm()) for n in matrices if want[n].norm() > 0]
     assert max(abs(r - 1) for r in ratios) > 0.1, ratios
 
+
+
+@pytest.mark.slow
+def test_adafactor_at_zero3_is_finite_whatever_memory_the_partition_padding_got(cases):
+    """ZeRO-3 pads the last partitions of a parameter and leaves the padding as allocated; Adafactor scales a
+    flat partition's update by its RMS, padding included. With NaN in fresh memory (torch's deterministic
+    fill) the step must equal the one from ordinary memory, all finite: the trainer zeroes the padding
+    (pipelines.train.zero.clear_partition_padding). Without that, every parameter of a padded group is NaN."""
+    plain = cases[Case(zero_stage=3, batch=8, grad_accum=4, optimizer="adafactor")]
+    poisoned = cases[Case(zero_stage=3, batch=8, grad_accum=4, optimizer="adafactor", nan_memory=True)]
+    assert plain[0]["padding"] > 0   # the last rank's: the test model has parameters of odd size
+    for name, change in plain[1].items():
+        assert torch.isfinite(poisoned[1][name]).all(), name
+        torch.testing.assert_close(poisoned[1][name], change, rtol=0, atol=0, msg=name)

@@ -96,6 +96,7 @@ class Worker:
         engine, optimizer, _, _ = deepspeed.initialize(model=self.task, optimizer=optimizer, config=config,
                                                        dist_init_required=False)
         self.zero.declare_external_parameters(self.task)
+        self.zero.clear_padding(optimizer)
         return engine, optimizer, scales
 
     def _keep_masters(self) -> torch.dtype:

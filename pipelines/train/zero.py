@@ -53,6 +53,10 @@ class Zero:
         if self.partitioned:
             register_external_parameters(task)
 
+    def clear_padding(self, optimizer) -> int:
+        """After deepspeed.initialize: ZeRO-3's partition padding set to zero (`clear_partition_padding`)."""
+        return clear_partition_padding(optimizer) if self.partitioned else 0
+
     def fp32_masters(self, optimizer) -> dict[int, torch.Tensor]:
         """DeepSpeed's float32 masters that `master_state` cannot find itself (ZeRO stage 0), by parameter id."""
         return stage0_masters(optimizer) if self.stage == 0 else {}
@@ -170,6 +174,38 @@ def register_external_parameters(task: nn.Module) -> None:
         if isinstance(module, TIPSModel):
             for param in module.parameters(recurse=False):
                 deepspeed.zero.register_external_parameter(task, param)
+
+
+def clear_partition_padding(optimizer) -> int:
+    """Zero the padding of ZeRO-3's partitions; returns how many elements on this rank were padding.
+
+    DeepSpeed 0.19 splits each parameter into equal partitions, one per rank, the last ones padded, and
+    allocates a partition with torch.empty, copying in only the parameter's own elements: the padding is
+    whatever memory it got (`_partition_param`). The float32 flat tensors the optimiser steps are copies of
+    the partitions, padding included. AdamW and SGD never carry one element into another, but torch's
+    Adafactor scales a tensor's whole update by the RMS of that tensor: an inf or NaN left in the padding made
+    every parameter of its group NaN after the first step (tiny model, 2 ranks, seen in bench.train). A
+    partition of `size` elements on rank r holds elements [r * size, (r + 1) * size) of its parameter; those
+    past the parameter's end are the padding, in the partition and in the float32 flat at the same offset.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group=optimizer.dp_process_group)
+    padding = 0
+    for params, flat in zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat, strict=True):
+        offset = 0
+        for param in params:
+            size = param.partition_numel()
+            own = min(size, max(0, param.ds_numel - rank * size))
+            if own < size:
+                param.ds_tensor.data[own:].zero_()
+                flat.data[offset + own:offset + size].zero_()
+                padding += size - own
+            offset += size
+        if offset != flat.numel():
+            raise RuntimeError(f"ZeRO-3 float32 flat partition of {flat.numel()} elements, but its parameters' "
+                               f"partitions add up to {offset}: DeepSpeed's layout changed; padding not cleared")
+    return padding
 
 
 def stage0_masters(optimizer) -> dict[int, torch.Tensor]:
