@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu_train.sh                 # writes bench/results/gpu_train.json and prints a table
 #     STEPS=40 BATCH_B=64 BATCH_L=32 bash bench/gpu_train.sh
-#     DEVICE=cpu MODELS="tiny:8" STEPS=4 WARMUP=1 RESULT=/tmp/x.json bash bench/gpu_train.sh   # smoke test
+#     DEVICE=cpu MODELS="tiny:8" STEPS=4 SCENES=64 WARMUP=1 RESULT=/tmp/x.json bash bench/gpu_train.sh   # smoke test
 #
 # MFU = analytic training FLOPs per image (tipsv2/flops.py: flops_per_example) x images/s / peak bf16
 # FLOP/s of the device (tipsv2/flops.py: GPU_PEAK_FLOPS by device name, or TIPSV2_PEAK_FLOPS).
@@ -23,6 +23,7 @@ WARMUP=${WARMUP:-8}
 BATCH_B=${BATCH_B:-64}
 BATCH_L=${BATCH_L:-32}
 MODELS=${MODELS:-"vit_b14:$BATCH_B vit_l14:$BATCH_L"}   # PRESET:BATCH ...
+SCENES=${SCENES:-448}               # synthetic training scenes (the CPU smoke test needs fewer)
 PER_MODEL_S=${PER_MODEL_S:-210}     # hard cap per model, so both fit in 8 minutes
 OUT=${OUT:-$(mktemp -d /tmp/tipsv2-gpu-bench.XXXXXX)}
 RESULT=${RESULT:-bench/results/gpu_train.json}
@@ -43,11 +44,11 @@ fi
 
 run_model() {  # preset batch
   local name=$1 batch=$2
-  # 448 synthetic scenes at 224 px: 7 steps per epoch at batch 64, so epochs turn over during the run.
+  # 448 synthetic scenes at 224 px by default: 7 steps per epoch at batch 64, so epochs turn over during the run.
   timeout "$PER_MODEL_S" "$PY" -m pipelines.pretrain --config "$name" --output "$OUT/$name" \
     --set steps="$STEPS" --set log_every=5 --set engine.workers=1 "${ENGINE[@]}" \
     --set engine.zero_stage=2 --set engine.checkpoint_every=100000 \
-    --set data.batch_size="$batch" --set data.synthetic.image_size=224 --set data.synthetic.train_size=448 \
+    --set data.batch_size="$batch" --set data.synthetic.image_size=224 --set data.synthetic.train_size="$SCENES" \
     --set data.synthetic.val_size=4 --set data.synthetic.test_size=4 --set data.tokenizer_vocab=512 \
     --set optim.warmup_steps=5 > "$OUT/$name.log" 2>&1 || { echo "$name failed or timed out; tail of its log:"; tail -30 "$OUT/$name.log"; }
 }

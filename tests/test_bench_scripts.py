@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_gpu_train_script_runs_end_to_end_on_cpu(ray_local, tmp_path):
     result = tmp_path / "gpu_train.json"
-    env = {**os.environ, "DEVICE": "cpu", "MODELS": "tiny:8", "STEPS": "4", "WARMUP": "1", "PER_MODEL_S": "400",
+    env = {**os.environ, "DEVICE": "cpu", "MODELS": "tiny:8", "STEPS": "4", "SCENES": "64", "WARMUP": "1", "PER_MODEL_S": "400",
            "OUT": str(tmp_path / "runs"), "RESULT": str(result), "PY": sys.executable,
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     (tmp_path / "runs").mkdir()
