@@ -95,8 +95,7 @@ class Worker:
         self.zero.patch_deepspeed()
         engine, optimizer, _, _ = deepspeed.initialize(model=self.task, optimizer=optimizer, config=config,
                                                        dist_init_required=False)
-        self.zero.declare_external_parameters(self.task)
-        self.zero.clear_padding(optimizer)
+        self.zero.after_initialize(self.task, optimizer)
         return engine, optimizer, scales
 
     def _keep_masters(self) -> torch.dtype:

@@ -48,14 +48,14 @@ class Zero:
         if self.partitioned:
             zero3_sees_dataclasses()
 
-    def declare_external_parameters(self, task: nn.Module) -> None:
-        """After deepspeed.initialize: ZeRO-3 must be told of parameters read outside a module's forward."""
-        if self.partitioned:
-            register_external_parameters(task)
-
-    def clear_padding(self, optimizer) -> int:
-        """After deepspeed.initialize: ZeRO-3's partition padding set to zero (`clear_partition_padding`)."""
-        return clear_partition_padding(optimizer) if self.partitioned else 0
+    def after_initialize(self, task: nn.Module, optimizer) -> int:
+        """What this stage needs right after deepspeed.initialize (`optimizer`: the engine's): ZeRO-3 is told of
+        parameters read outside a module's forward, and its partition padding is set to zero
+        (`clear_partition_padding`). Returns the padding elements zeroed on this rank."""
+        if not self.partitioned:
+            return 0
+        register_external_parameters(task)
+        return clear_partition_padding(optimizer)
 
     def fp32_masters(self, optimizer) -> dict[int, torch.Tensor]:
         """DeepSpeed's float32 masters that `master_state` cannot find itself (ZeRO stage 0), by parameter id."""
