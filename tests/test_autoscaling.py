@@ -33,7 +33,7 @@ import yaml
 
 from pipelines import tracking_store
 from pipelines.testing import healthy
-from tests.test_job_submit import free_port, ray_cli, stop_head
+from tests.test_job_submit import free_port, ray_cli, stop_head, wait_for_job
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -156,8 +156,8 @@ def cluster(s3_endpoint, tmp_path):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def submit(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str, timeout: float) -> tuple[str, str]:
-    """`ray job submit --working-dir .`; (final status, logs)."""
+def start_job(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str) -> None:
+    """`ray job submit --no-wait --working-dir .`."""
     args = ["job", "submit", "--no-wait", f"--submission-id={job_id}", "--working-dir", ".",
             "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
     for _ in range(30):  # the job agent comes up some seconds after `ray start` returns
@@ -166,16 +166,18 @@ def submit(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str, tim
             break
         time.sleep(3)
     assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
-    deadline, status = time.time() + timeout, ""
-    while time.time() < deadline:
-        time.sleep(5)
-        try:   # a loaded head answers slowly: a look that times out is retried
-            status = ray_cli("job", "status", job_id, env=env, check=False, timeout=180).stdout.lower()
-        except subprocess.TimeoutExpired:
-            continue
-        if any(word in status for word in ("succeeded", "failed", "stopped")):
-            break
-    return status, ray_cli("job", "logs", job_id, env=env, check=False, timeout=300).stdout
+
+
+def finish_job(env: dict, job_id: str, timeout: float) -> tuple[str, str]:
+    """(final status, `ray job logs`) of a started job."""
+    return wait_for_job(env["RAY_ADDRESS"], job_id, timeout), \
+        ray_cli("job", "logs", job_id, env=env, check=False, timeout=300).stdout
+
+
+def submit(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str, timeout: float) -> tuple[str, str]:
+    """`ray job submit --working-dir .`; (final status, logs)."""
+    start_job(env, entrypoint, runtime_env, job_id)
+    return finish_job(env, job_id, timeout)
 
 
 PROBE = """
@@ -190,6 +192,23 @@ placed = {s.value: ray.get(where.options(**ray_remote_options(RESOURCE_REQUESTS[
           for s in (Stage.CAPTION, Stage.PRETRAIN)}
 print("PLACED " + json.dumps(placed))
 """
+
+
+def probe_and_refusal(env: dict, runtime_env: dict, run: str, temp_dir: str) -> dict:
+    """Two jobs at once: the probe (production resource requests: where each lands) and, on the head, a run with
+    no tracking server and a local output: a sqlite file on the head, which runs no tasks, so every rank would
+    log to a file of its own node's. Refused before any rank starts, naming the fix. Run between caption and
+    pretrain: the caption node is still up, and the train node the probe starts serves pretrain next."""
+    start_job(env, ["python", "-c", PROBE], {"excludes": runtime_env["excludes"]}, f"probe-{run}")
+    local = {**runtime_env, "env_vars": runtime_env["env_vars"] | {"MLFLOW_TRACKING_URI": ""}}
+    start_job(env, ["python", "-m", "pipelines.pretrain", "--config", "tiny", "--output", f"{temp_dir}-local/tiny",
+                    "--set", "steps=1"], local, f"file-{run}")
+    status, probe_logs = finish_job(env, f"probe-{run}", timeout=300)
+    assert status == "SUCCEEDED", probe_logs[-3000:]
+    status, refused_logs = finish_job(env, f"file-{run}", timeout=300)
+    assert status == "FAILED" and "runs no tasks (0 CPUs" in refused_logs and "MLFLOW_TRACKING_URI" in refused_logs, \
+        refused_logs[-3000:]
+    return json.loads(probe_logs.rsplit("PLACED ", 1)[1].splitlines()[0])   # the last: the log echoes the script
 
 
 def packed_files() -> set[str]:
@@ -264,7 +283,7 @@ def run_stages(env: dict, commands: list[tuple[str, list[str]]], runtime_env: di
         status, logs = submit(env, argv, runtime_env, f"{stage}-{run}", timeout=1200)
         seconds[stage] = round(time.perf_counter() - started)
         (logs_dir / f"{stage}.log").write_text(logs)   # the driver's and (forwarded) every worker's output
-        assert "succeeded" in status, f"{shlex.join(argv)}\n{status}\n{logs[-6000:]}"
+        assert status == "SUCCEEDED", f"{shlex.join(argv)}\n{status}\n{logs[-6000:]}"
     return seconds
 
 
@@ -336,32 +355,25 @@ def test_the_cluster_readme_on_a_simulated_autoscaling_cluster(cluster, s3_endpo
     runtime_env = readme_runtime_env(mlflow_uri)
 
     clock = time.perf_counter()
-    seconds = run_stages(env, commands, runtime_env, run, tmp_path)
+    seconds = run_stages(env, commands[:2], runtime_env, run, tmp_path)
+    placed = probe_and_refusal(env, runtime_env, run, temp_dir)
+    seconds["probe"] = round(time.perf_counter() - clock) - sum(seconds.values())
+    seconds |= run_stages(env, commands[2:], runtime_env, run, tmp_path)
     stages_s = time.perf_counter() - clock
-    status, probe_logs = submit(env, ["python", "-c", PROBE], {"excludes": runtime_env["excludes"]},
-                                f"probe-{run}", timeout=300)
-    assert "succeeded" in status, probe_logs[-3000:]
-    placed = json.loads(probe_logs.rsplit("PLACED ", 1)[1].splitlines()[0])   # the last: the log echoes the script
-    # No tracking server and a local output: a sqlite file on the head, which runs no tasks, so every rank would
-    # log to a file of its own node's. Refused before any rank starts, naming the fix.
-    local = {**runtime_env, "env_vars": runtime_env["env_vars"] | {"MLFLOW_TRACKING_URI": ""}}
-    status, refused_logs = submit(env, ["python", "-m", "pipelines.pretrain", "--config", "tiny", "--output",
-                                        f"{temp_dir}-local/tiny", "--set", "steps=1"], local, f"file-{run}", 300)
-    assert "failed" in status and "runs no tasks (0 CPUs" in refused_logs and "MLFLOW_TRACKING_URI" in refused_logs, \
-        refused_logs[-3000:]
+    # What the jobs left, checked while the nodes idle out.
+    check_s3(s3_endpoint, root)
+    # The server's Host check, as ranks meet it: an address it does not allow is refused at start with the fix.
+    with pytest.raises(ValueError, match=r"does not answer at http://127.0.0.2:\d+.*\(Host header refused\)"):
+        tracking_store.shared_server(mlflow_uri, "127.0.0.2", nodes=3)
+    check_runs(mlflow_uri, root, tmp_path)
     deadline = time.time() + 60 * IDLE_MINUTES + 120   # idle nodes are removed after IDLE_MINUTES
     while time.time() < deadline and autoscaler.active():
-        time.sleep(5)
+        time.sleep(2)
     total_s = time.perf_counter() - clock
     added, removed, failed = (autoscaler.events(v) for v in ("added", "removed", "failed"))
     print(f"\nautoscaling test: stage jobs {seconds} ({stages_s:.0f} s), total {total_s:.0f} s; launched {added}, "
           f"removed when idle {removed}, failed to start in time {failed}")
 
     check_autoscaler(autoscaler, placed, added, removed, failed)
-    check_s3(s3_endpoint, root)
-    # The server's Host check, as ranks meet it: an address it does not allow is refused at start with the fix.
-    with pytest.raises(ValueError, match=r"does not answer at http://127.0.0.2:\d+.*\(Host header refused\)"):
-        tracking_store.shared_server(mlflow_uri, "127.0.0.2", nodes=3)
-    check_runs(mlflow_uri, root, tmp_path)
     check_working_dirs(temp_dir, set(added))
     assert total_s < 3000
