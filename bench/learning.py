@@ -432,6 +432,73 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "golden": golden(by)}
 
 
+# The paper's Table 2 ablation (as reported in readings of it; unverified against the paper): starting the
+# student's text tower from the teacher's, trained or frozen, makes "little difference". Equivalence at the
+# margin the bench uses for "no difference" (0.05); plan: bench/results/learning_student_text_plan.md.
+TEXT_START = {StudentText.FROM_TEACHER: "started from the teacher's and trained",
+              StudentText.FROZEN_TEACHER: "the teacher's, frozen"}
+
+
+def text_tower_rule(start: StudentText) -> Rule:
+    return Rule(f"the student's text tower {TEXT_START[start]} instead of random makes little difference to its "
+                "patch-text alignment", "TIPSv2 paper Table 2 (as reported in readings of it)",
+                Arm.DISTILLED_IBOT, Arm.DISTILLED_IBOT, "equivalent", 0.05,
+                "reproduced if the 90 % CI of mean d lies inside (-0.05, +0.05); not reproduced if it lies wholly "
+                "outside; inconclusive otherwise")
+
+
+def by_seed(payload: dict[str, Any], arm: Arm) -> dict[int, dict[str, float]]:
+    return {r["seed"]: r["metrics"] for r in payload["runs"] if r["arm"] == arm.value}
+
+
+def text_tower_comparison(baseline: dict[str, Any], variants: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each variant payload's students (bench.learning's JSON, `student_text` not random) against `baseline`'s
+    random-text students, paired by seed. A seed counts only if its teacher is the same in both runs (equal
+    patch accuracy to 1e-9: same code and seed retrain it bit for bit); the others are listed, not used."""
+    teachers, students = by_seed(baseline, TEACHER[Arm.DISTILLED_IBOT]), by_seed(baseline, Arm.DISTILLED_IBOT)
+    out = []
+    for variant in variants:
+        start = StudentText(variant["student_text"])
+        rule = text_tower_rule(start)
+        mine, my_teachers = by_seed(variant, Arm.DISTILLED_IBOT), by_seed(variant, TEACHER[Arm.DISTILLED_IBOT])
+        paired = sorted(s for s in mine if s in students)
+        same = [s for s in paired if abs(my_teachers[s][PRIMARY] - teachers[s][PRIMARY]) < 1e-9]
+        diffs = [mine[s][PRIMARY] - students[s][PRIMARY] for s in same]
+        r1 = [mine[s]["retrieval/i2t_r1"] - students[s]["retrieval/i2t_r1"] for s in same]
+        power = ({"sd": statistics.stdev(diffs), "detectable": detectable(rule, statistics.stdev(diffs), len(diffs))}
+                 if len(diffs) > 2 else {})
+        out.append({"start": start.value, "claim": rule.claim, "source": rule.source, "rule": rule.text,
+                    "teacher_differs": [s for s in paired if s not in same], "student": spread([mine[s][PRIMARY]
+                                                                                            for s in same] or [0.0]),
+                    "random_student": spread([students[s][PRIMARY] for s in same] or [0.0]),
+                    **verdict(rule, diffs), **power, "r1_diff": spread(r1) if r1 else None})
+    return out
+
+
+def text_tower_markdown(rows: Sequence[dict[str, Any]], *, header: str) -> str:
+    lines = [header, "", "| student's text tower | seeds | student patch accuracy | random-text student | d | "
+             "90 % CI | seeds with abs(d) < 0.05 | sd of d | CI half-width at d = 0 | d R@1 image->text | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "mean" not in r:
+            lines.append(f"| {TEXT_START[StudentText(r['start'])]} | 0 | - | - | - | - | - | - | - | - | "
+                         f"{r['verdict']} ({r['reason']}) |")
+            continue
+        power = f"{r['sd']:.3f} | {r['detectable']:.3f}" if "sd" in r else "- | -"
+        lines.append(f"| {TEXT_START[StudentText(r['start'])]} | {r['seeds']} | {r['student']['mean']:.3f} ± "
+                     f"{r['student']['std']:.3f} | {r['random_student']['mean']:.3f} ± {r['random_student']['std']:.3f}"
+                     f" | {r['mean']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['seeds_agreeing']}/{r['seeds']}"
+                     f" | {power} | {r['r1_diff']['mean']:+.3f} | **{r['verdict']}** |")
+    differs = {r["start"]: r["teacher_differs"] for r in rows if r["teacher_differs"]}
+    lines += ["", "d = student with this text tower − student with a random one (foreground patch zero-shot accuracy), "
+              "paired by seed: same teacher, same image-tower init, data order, crops. Rule, fixed before the runs: "
+              + (rows[0]["rule"] if rows else "") + ". \"CI half-width at d = 0\": the 90 % CI's half-width at this "
+              "sd; equivalence can be shown only if it is below 0.05.",
+              "", "Seeds whose teacher was not retrained bit for bit (left out): "
+              + (", ".join(f"{k}: {v}" for k, v in differs.items()) if differs else "none") + "."]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, Any], *, header: str) -> str:
     ref = summary["reference"]
     oracle = (f"oracle {ref['patch/oracle']:.3f} (nearest palette colour to a patch's median pixel), "
@@ -588,9 +655,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-text", choices=[t.value for t in StudentText], default=StudentText.RANDOM.value,
                         help="the students' text tower: random (default), from_teacher (trained) or frozen_teacher "
                              "(the paper's Table 2 ablation; the teacher's text config must be the student's)")
+    parser.add_argument("--compare-text", type=Path, nargs="+", metavar="JSON",
+                        help="the text-tower table (the paper's Table 2 ablation): the first JSON's random-text "
+                             "students against each later JSON's (runs of --student-text), paired by seed; "
+                             "written to OUT/learning_student_text.md")
     parser.add_argument("--rebuild", action="store_true", help="the table of the latest invocation, from MLflow")
     parser.add_argument("--invocation", help="with --rebuild: which invocation (default: the latest)")
     args = parser.parse_args(argv)
+    if args.compare_text:
+        baseline, *variants = (json.loads(p.read_text()) for p in args.compare_text)
+        rows = text_tower_comparison(baseline, variants)
+        text = text_tower_markdown(rows, header=f"The student's text tower, {baseline['family']} scenes, "
+                                   f"{baseline['steps']} steps: {', '.join(str(p) for p in args.compare_text)}.")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "learning_student_text.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (args.out / "learning_student_text.md").write_text(text)
+        print(text)
+        return
     if args.rebuild:
         runs, invocation = rebuild(args.mlflow_dir, args.invocation)
         print(markdown(summarise(runs), header=f"invocation {invocation}: {len(runs)} runs, from MLflow"))

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bench.learning import (DEFAULT_ARMS, GOLDEN_FACTOR, PRESET, RULES, TEACHER, Arm, Family, detectable, golden, jobs,
-                            larger, pretrain_config, verdict)
+                            larger, pretrain_config, text_tower_comparison, text_tower_markdown, verdict)
 from tipsv2.configs import preset
 from tipsv2.data.synthetic import Label
 from tipsv2.losses.ibot import PatchLossKind
@@ -85,3 +85,29 @@ def test_golden_counts_the_seeds_that_clear_the_bar():
     got = golden(by)["arms"]
     assert (got["ibot_pp"]["cleared"], got["ibot_pp"]["seeds"]) == (1, 2)
     assert (got["no_patch"]["cleared"], got["no_patch"]["seeds"]) == (0, 1)
+
+
+def _payload(start: str, teacher: dict[int, float], student: dict[int, float]) -> dict:
+    metrics = lambda acc: {"patch/accuracy": acc, "retrieval/i2t_r1": 0.2}
+    return {"student_text": start, "runs": [{"arm": "ibot", "seed": s, "metrics": metrics(a)} for s, a in teacher.items()]
+            + [{"arm": "distilled_ibot", "seed": s, "metrics": metrics(a)} for s, a in student.items()]}
+
+
+def test_text_tower_ablation_pairs_seeds_with_the_same_teacher_by_hand():
+    """Random-text students 0.40, 0.50, 0.60 (seeds 1-3) and 0.30 (seed 4, whose teacher the variant did not retrain
+    bit for bit: left out). Trained-from-teacher d = (+0.01, -0.01, 0.00): mean 0, sd 0.01, 90 % CI
+    0 +- 2.920 * 0.01 / sqrt(3) = +-0.0169, inside +-0.05: little difference. Frozen d = (0.20, 0.21, 0.19):
+    CI 0.20 +- 0.0169, wholly above +0.05: not reproduced."""
+    teacher = {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}
+    baseline = _payload("random", teacher, {1: 0.40, 2: 0.50, 3: 0.60, 4: 0.30})
+    trained = _payload("from_teacher", {**teacher, 4: 0.81}, {1: 0.41, 2: 0.49, 3: 0.60, 4: 0.9})
+    frozen = _payload("frozen_teacher", teacher, {1: 0.60, 2: 0.71, 3: 0.79})
+    rows = text_tower_comparison(baseline, [trained, frozen, _payload("frozen_teacher", teacher, {})])
+    assert rows[0]["teacher_differs"] == [4] and rows[0]["seeds"] == 3
+    assert rows[0]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert rows[0]["ci"] == pytest.approx([-2.920 * 0.01 / math.sqrt(3), 2.920 * 0.01 / math.sqrt(3)], abs=1e-4)
+    assert rows[0]["verdict"] == "reproduced" and rows[0]["seeds_agreeing"] == 3
+    assert rows[1]["mean"] == pytest.approx(0.20) and rows[1]["verdict"] == "not reproduced"
+    assert rows[2]["verdict"] == "inconclusive" and rows[2]["reason"] == "fewer than 2 seeds"
+    table = text_tower_markdown(rows, header="h")
+    assert "| started from the teacher's and trained | 3 |" in table and "from_teacher: [4]" in table
