@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.handoff import offer
 from pipelines.data import Source, captions_of
 from tipsv2.data.batch import Batch, Example, collate, make_example
 from tipsv2.data.captions import CaptionFallback
@@ -232,27 +233,16 @@ class _EpochFeed:
         self.thread = threading.Thread(target=self._run, args=(produce,), daemon=True)
         self.thread.start()
 
-    def _offer(self, item: Any) -> bool:
-        """Put `item` once the queue has room; False, without waiting, once the consumer has left (a blocking
-        put into a full queue nobody reads would keep the thread, and close(), waiting)."""
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def _run(self, produce: Callable[[], Iterator[Any]]) -> None:
         try:
             with contextlib.closing(produce()) as items:
                 for item in items:
-                    if not self._offer(item):
+                    if not offer(self.queue, item, self.stop):
                         return
         except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
             self.error = err
         finally:
-            self._offer(self._END)
+            offer(self.queue, self._END, self.stop)
 
     def __iter__(self) -> Iterator[Any]:
         while True:

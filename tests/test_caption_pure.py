@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -150,6 +151,29 @@ def test_watchdog_fails_loudly_when_no_progress():
         for item in caption.watched(slow(), watchdog):
             got.append(item)
     assert got == [1] and time.perf_counter() - start < 2.0
+
+
+def test_after_a_stall_the_pump_thread_ends_and_closes_the_engine_stream():
+    """The engine's stream resumes after the consumer gave up (Stalled) and then yields more than the queue
+    holds: the pump must stop at its next hand-off and close the stream, not block forever holding it."""
+    closed = threading.Event()
+
+    def late():
+        try:
+            yield 0
+            time.sleep(0.5)                 # longer than progress_timeout_s: the consumer raises Stalled
+            yield from range(1, 100)        # more than the queue's 4: a blocking put would wait forever
+        finally:
+            closed.set()
+
+    watchdog = caption.WatchdogConfig(startup_timeout_s=2.0, progress_timeout_s=0.2)
+    with pytest.raises(caption.Stalled):
+        list(caption.watched(late(), watchdog))
+    assert closed.wait(5.0), "the engine stream was never closed"
+    pumps = [t for t in threading.enumerate() if t.name == "caption-pump"]
+    for t in pumps:
+        t.join(5.0)
+    assert not any(t.is_alive() for t in pumps)
 
 
 def test_watchdog_passes_errors_and_items_through():

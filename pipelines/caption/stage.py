@@ -21,6 +21,7 @@ A watchdog fails the job loudly when no output arrives for `watchdog.progress_ti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import re
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator
 
 
 from pipelines import cli, storage
+from pipelines.handoff import offer
 from pipelines.lineage import Kind
 from pipelines.caption.config import PRESETS, CaptionConfig, WatchdogConfig, passes_of, slots_of
 from pipelines.caption.store import (CAPTIONS_DIR, ERRORS_DIR, compact_partition, model_name, partition_name,
@@ -72,33 +74,40 @@ class Stalled(RuntimeError):
 
 
 def watched(batches: Iterator[Any], watchdog: WatchdogConfig) -> Iterator[Any]:
-    """Yield from `batches` (run in a thread); raise Stalled when nothing arrives in time."""
+    """Yield from `batches` (run in a thread); raise Stalled when nothing arrives in time. However the consumer
+    leaves (done, Stalled, an error, closed early), the thread stops at its next hand-off and closes `batches`."""
     box: queue.Queue = queue.Queue(maxsize=4)
-    done = object()
+    done, left = object(), threading.Event()
 
     def pump() -> None:
         try:
-            for item in batches:
-                box.put(item)
-            box.put(done)
+            with contextlib.closing(batches) if hasattr(batches, "close") else contextlib.nullcontext():
+                for item in batches:
+                    if not offer(box, item, left):
+                        return
+            offer(box, done, left)
         except BaseException as err:  # handed to the consumer, which raises it
-            box.put(err)
+            offer(box, err, left)
 
     threading.Thread(target=pump, name="caption-pump", daemon=True).start()
     timeout, received = watchdog.startup_timeout_s, 0
-    while True:
-        try:
-            item = box.get(timeout=timeout)
-        except queue.Empty:
-            raise Stalled(f"no caption output for {timeout:.0f} s after {received} batches: the engine is hung or "
-                          f"dead (out of memory?). Check `ray status` and the worker logs; rerun to resume.") from None
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        received += 1
-        timeout = watchdog.progress_timeout_s
-        yield item
+    try:
+        while True:
+            try:
+                item = box.get(timeout=timeout)
+            except queue.Empty:
+                raise Stalled(f"no caption output for {timeout:.0f} s after {received} batches: the engine is hung "
+                              f"or dead (out of memory?). Check `ray status` and the worker logs; rerun to resume."
+                              ) from None
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            received += 1
+            timeout = watchdog.progress_timeout_s
+            yield item
+    finally:
+        left.set()
 
 
 class Pace:
