@@ -33,7 +33,7 @@ import yaml
 
 from pipelines import tracking_store
 from pipelines.testing import healthy
-from tests.test_job_submit import free_port, ray_cli, stop_head, wait_for_job
+from tests.test_job_submit import finish_job, free_port, ray_cli, start_job, stop_head
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -154,24 +154,6 @@ def cluster(s3_endpoint, tmp_path):
         os.killpg(mlflow.pid, 9)
         for path in Path("/tmp").glob(f"{Path(temp_dir).name}*"):   # the head's and the fake nodes' temp dirs
             shutil.rmtree(path, ignore_errors=True)
-
-
-def start_job(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str) -> None:
-    """`ray job submit --no-wait --working-dir .`."""
-    args = ["job", "submit", "--no-wait", f"--submission-id={job_id}", "--working-dir", ".",
-            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
-    for _ in range(30):  # the job agent comes up some seconds after `ray start` returns
-        done = ray_cli(*args, env=env, check=False)
-        if done.returncode == 0 or "No available agent" not in done.stderr + done.stdout:
-            break
-        time.sleep(3)
-    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
-
-
-def finish_job(env: dict, job_id: str, timeout: float) -> tuple[str, str]:
-    """(final status, `ray job logs`) of a started job."""
-    return wait_for_job(env["RAY_ADDRESS"], job_id, timeout), \
-        ray_cli("job", "logs", job_id, env=env, check=False, timeout=300).stdout
 
 
 def submit(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str, timeout: float) -> tuple[str, str]:

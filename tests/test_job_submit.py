@@ -67,6 +67,24 @@ def wait_for_job(dashboard: str, job_id: str, timeout: float, every_s: float = 1
     return status
 
 
+def start_job(env: dict, entrypoint: list[str], runtime_env: dict, job_id: str) -> None:
+    """`ray job submit --no-wait --working-dir .`."""
+    args = ["job", "submit", "--no-wait", f"--submission-id={job_id}", "--working-dir", ".",
+            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]
+    for _ in range(30):  # the job agent comes up some seconds after `ray start` returns
+        done = ray_cli(*args, env=env, check=False)
+        if done.returncode == 0 or "No available agent" not in done.stderr + done.stdout:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
+
+
+def finish_job(env: dict, job_id: str, timeout: float) -> tuple[str, str]:
+    """(final status, `ray job logs`) of a started job."""
+    return wait_for_job(env["RAY_ADDRESS"], job_id, timeout), \
+        ray_cli("job", "logs", job_id, env=env, check=False, timeout=300).stdout
+
+
 def stop_head(temp_dir: str) -> None:
     """Kill every process of this head (their command lines name its temp dir), the job driver too."""
     out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
@@ -101,19 +119,11 @@ def test_submit_tiny_chain(head, tmp_path):
     env = head
     out = tmp_path / "run"
     job_id = f"tipsv2-{uuid.uuid4().hex[:6]}"
-    submit = ["job", "submit", "--no-wait", f"--submission-id={job_id}", "--working-dir", ".",
-            "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "outputs", "bench/results"]}),
-            "--", "python", "-m", "pipelines.run_all", "--config", "tiny", "--output", str(out),
-            "--set", "pretrain.steps=6", "--set", "distill.steps=6", "--set", "evaluate_suite=tiny",
-            "--set", "source.skimage_samples=false"]
-    for _ in range(20):  # the job agent comes up some seconds after `ray start` returns
-        done = ray_cli(*submit, env=env, check=False)
-        if done.returncode == 0 or "No available agent" not in done.stderr:
-            break
-        time.sleep(4)
-    assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-1500:]
-    status = wait_for_job(env["RAY_ADDRESS"], job_id, timeout=900)
-    logs = ray_cli("job", "logs", job_id, env=env, check=False).stdout
+    start_job(env, ["python", "-m", "pipelines.run_all", "--config", "tiny", "--output", str(out),
+                    "--set", "pretrain.steps=6", "--set", "distill.steps=6", "--set", "evaluate_suite=tiny",
+                    "--set", "source.skimage_samples=false"],
+              {"excludes": [".venv", ".git", "outputs", "bench/results"]}, job_id)
+    status, logs = finish_job(env, job_id, timeout=900)
     assert status == "SUCCEEDED", status + "\n" + logs[-5000:]
     assert "[run_all] finished" in logs
     summary = json.loads((out / "summary.json").read_text())
