@@ -468,9 +468,9 @@ def text_tower_comparison(baseline: dict[str, Any], variants: Sequence[dict[str,
         power = ({"sd": statistics.stdev(diffs), "detectable": detectable(rule, statistics.stdev(diffs), len(diffs))}
                  if len(diffs) > 2 else {})
         out.append({"start": start.value, "claim": rule.claim, "source": rule.source, "rule": rule.text,
-                    "teacher_differs": [s for s in paired if s not in same], "student": spread([mine[s][PRIMARY]
-                                                                                            for s in same] or [0.0]),
-                    "random_student": spread([students[s][PRIMARY] for s in same] or [0.0]),
+                    "teacher_differs": [s for s in paired if s not in same],
+                    "student": spread([mine[s][PRIMARY] for s in same]) if same else None,
+                    "random_student": spread([students[s][PRIMARY] for s in same]) if same else None,
                     **verdict(rule, diffs), **power, "r1_diff": spread(r1) if r1 else None})
     return out
 
