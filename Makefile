@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) --quiet -e ".[dev,$(VLLM_EXTRA)]"
 	# PyPI's torchvision/torchaudio fail beside CPU torch (torchvision::nms); the project never needs them.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	# DeepSpeed's CPU accelerator compiles its shared-memory comm op on first use (about 30 s); compile it once here,
+	# with the venv's ninja (the one the tests' PATH finds first: another ninja version discards its build log).
+	PATH=$(abspath $(BIN)):$$PATH TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(BIN)/python -c \
+	    "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -292,6 +292,7 @@ class Job:
     steps: int
     tokenizer: str                       # path of the sentencepiece model every arm shares
     student_text: StudentText = StudentText.RANDOM
+    probe: bool = True                   # also fit the linear segmentation probe (evaluate's `probe`)
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:
@@ -308,7 +309,7 @@ def run_job(job: Job) -> list[dict[str, Any]]:
         train_s = time.perf_counter() - start
         if arm in TEACHER.values():
             trained[arm] = result.task
-        metrics = evaluate(model, tokenizer, cfg)
+        metrics = evaluate(model, tokenizer, cfg, probe=job.probe)
         seed = job.seed
         rows.append({"arm": arm.value, "family": job.family.value, "seed": seed, "train_s": train_s,
                      "eval_s": time.perf_counter() - start - train_s,
@@ -316,8 +317,8 @@ def run_job(job: Job) -> list[dict[str, Any]]:
                      "history": [{k: v for k, v in r.items() if k.startswith(("loss/", "step"))}
                                  for r in result.history[::10]]})
         print(f"  {arm.value:9s} seed {seed}: train {train_s:5.1f} s, patch acc {metrics[PRIMARY]:.3f} "
-              f"(chance {metrics['patch/chance']:.3f}), AUROC {metrics['patch/auroc']:.3f}, "
-              f"R@1 {metrics['retrieval/i2t_r1']:.3f}", flush=True)
+              f"(chance {metrics['patch/chance']:.3f}), AUROC {metrics['patch/auroc']:.3f}"
+              + (f", R@1 {metrics['retrieval/i2t_r1']:.3f}" if job.probe else ""), flush=True)
     return rows
 
 

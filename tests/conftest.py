@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +39,15 @@ def fresh_machine(root: Path) -> dict[str, str]:
 for _name in USER_STATE:
     os.environ.pop(_name, None)
 os.environ.update(fresh_machine(FRESH))
+# DeepSpeed's CPU accelerator JIT-compiles its shared-memory comm op (about 30 s on 2 cores) on the first
+# init_distributed of a fresh home; `make venv` compiles it once into the venv, an install product like the venv's
+# wheels, and every DeepSpeed process of the suite (Ray workers, job drivers, `ray start` nodes) loads it from there.
+# Every process runs with the venv's bin first on PATH, as in an activated venv: torch builds with whichever `ninja`
+# PATH finds, and the venv's (1.13, log v7) and the system's (1.11, log v5) each discard the other's build log, so a
+# mixed PATH recompiled the op three times per suite.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+if (PREBUILT_OPS := REPOSITORY / ".venv" / "torch_extensions").is_dir():
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(PREBUILT_OPS)
 
 
 def pytest_unconfigure(config):
