@@ -296,7 +296,6 @@ class Job:
 
 
 def run_job(job: Job) -> list[dict[str, Any]]:
-    torch.set_num_threads(int(os.environ.get("TIPSV2_BENCH_THREADS", torch.get_num_threads())))
     cfg = preset(PRESET[job.family])
     records = synthetic_records(cfg.data.synthetic)
     tokenizer = Tokenizer(job.tokenizer, max_len=cfg.task.model.text.max_len)
@@ -320,6 +319,15 @@ def run_job(job: Job) -> list[dict[str, Any]]:
               f"(chance {metrics['patch/chance']:.3f}), AUROC {metrics['patch/auroc']:.3f}"
               + (f", R@1 {metrics['retrieval/i2t_r1']:.3f}" if job.probe else ""), flush=True)
     return rows
+
+
+def run_jobs(work: Sequence[Job], *, parallel: bool) -> list[dict[str, Any]]:
+    """Every job's rows: with `parallel`, two spawned processes of one thread each take the jobs as they free up;
+    otherwise this process runs them in order."""
+    if not parallel:
+        return [row for job in work for row in run_job(job)]
+    with multiprocessing.get_context("spawn").Pool(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return [row for rows in pool.imap_unordered(run_job, work) for row in rows]
 
 
 def jobs(family: Family, seeds: Sequence[int], steps: int, tokenizer_path: str,
@@ -605,13 +613,8 @@ def run(*, family: Family, steps: int, seeds: Sequence[int], mlflow_dir: Path, o
         # One tokenizer for every arm (trained on the unshuffled texts: the control shuffles pairs, not words).
         fit_tokenizer(synthetic_records(cfg.data.synthetic), cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
                       max_len=cfg.task.model.text.max_len)
-        work = jobs(family, seeds, steps, str(Path(tmp) / "spm.model"), arms, student_text)
-        if parallel:
-            os.environ["TIPSV2_BENCH_THREADS"] = "1"
-            with multiprocessing.get_context("spawn").Pool(2) as pool:
-                runs = [row for rows in pool.imap_unordered(run_job, work) for row in rows]
-        else:
-            runs = [row for job in work for row in run_job(job)]
+        runs = run_jobs(jobs(family, seeds, steps, str(Path(tmp) / "spm.model"), arms, student_text),
+                        parallel=parallel)
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     log_runs(runs, mlflow_dir, invocation)
     summary = summarise(runs)

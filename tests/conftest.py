@@ -46,7 +46,7 @@ os.environ.update(fresh_machine(FRESH))
 # PATH finds, and the venv's (1.13, log v7) and the system's (1.11, log v5) each discard the other's build log, so a
 # mixed PATH recompiled the op three times per suite.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-if (PREBUILT_OPS := REPOSITORY / ".venv" / "torch_extensions").is_dir():
+if (PREBUILT_OPS := Path(sys.prefix) / "torch_extensions").is_dir():   # the venv running the suite: .venv
     os.environ["TORCH_EXTENSIONS_DIR"] = str(PREBUILT_OPS)
 
 

@@ -9,13 +9,9 @@ runs its arms (so the bench's seed statistics are this test's): about 60 s for b
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from unittest import mock
-
 import pytest
 
-from bench.learning import CONTROL_NOISE, GOLDEN_FACTOR, Arm, Family, Job, run_job
+from bench.learning import CONTROL_NOISE, GOLDEN_FACTOR, Arm, Family, Job, run_jobs
 from tipsv2.configs import learning
 from tipsv2.loop import fit_tokenizer, synthetic_records
 
@@ -29,10 +25,7 @@ def trained(tmp_path_factory) -> dict[Arm, dict[str, float]]:
                   max_len=cfg.task.model.text.max_len)
     work = [Job(Family.COLOUR, 0, (arm,), cfg.steps, str(tokenizer), probe=False)
             for arm in (Arm.IBOT_PP, Arm.SHUFFLED)]
-    with mock.patch.dict(os.environ, {"TIPSV2_BENCH_THREADS": "1"}):
-        with multiprocessing.get_context("spawn").Pool(2) as pool:
-            rows = [row for rows in pool.map(run_job, work) for row in rows]
-    return {Arm(row["arm"]): row["metrics"] for row in rows}
+    return {Arm(row["arm"]): row["metrics"] for row in run_jobs(work, parallel=True)}
 
 
 @pytest.mark.slow
