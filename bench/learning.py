@@ -15,7 +15,9 @@ measured on held-out test scenes with nothing trained on top:
   colour shows (it needs the whole object, as real segmentation classes do); captions name the shapes.
   Nothing else differs: no setting explored on tuning seeds 1000-1009 reached 2x chance (steps to 1200,
   one object, one colour, crops, lr, masking, loss weights, a wider model: the tokens learn outlines, the
-  zero-shot readout stays at chance; bench/results/learning_shape_exploration.md). The hard case.
+  zero-shot readout stays at chance; bench/results/learning_shape_exploration.md). The hard case: even
+  trained on the patch labels themselves, the tower needs 2000-3000 steps to reach 2x chance there
+  (bench/ceiling.py), 20 on colour.
 
 Metrics:
 - primary: foreground patch zero-shot accuracy (tipsv2.eval.patch_text): each foreground patch's

@@ -153,7 +153,9 @@ def learning_shape() -> PretrainConfig:
     (Label.SHAPE), which no single patch's colour shows; captions and alt-text name the shapes. Nothing else
     differs from `learning`: no setting explored on the tuning seeds 1000-1009 (steps to 1200, one object per
     scene, one colour, near-whole square crops, lr, loss weight, masking, a wider model) brought the TIPSv2 arm
-    to 2x chance (bench/results/learning_shape_exploration.md), so none was adopted; this is the hard case."""
+    to 2x chance (bench/results/learning_shape_exploration.md), so none was adopted; this is the hard case.
+    Trained on the patch labels themselves, this vision tower needs 2000-3000 steps to reach 2x chance on
+    these scenes (bench/ceiling.py), so 150 steps cannot; colour takes 20."""
     cfg = learning()
     scenes = replace(cfg.data.synthetic, label=Label.SHAPE)
     return replace(cfg, data=replace(cfg.data, synthetic=scenes))
