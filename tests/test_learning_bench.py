@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from bench.learning import (DEFAULT_ARMS, GOLDEN_FACTOR, PRESET, RULES, TEACHER, Arm, Family, detectable, golden, jobs,
                             larger, pretrain_config, text_tower_comparison, text_tower_markdown, verdict)
 from tipsv2.configs import preset
-from tipsv2.data.synthetic import Label
+from tipsv2.data.synthetic import Colour, Label, Texts
 from tipsv2.losses.ibot import PatchLossKind
 
 
@@ -111,3 +112,13 @@ def test_text_tower_ablation_pairs_seeds_with_the_same_teacher_by_hand():
     assert rows[2]["verdict"] == "inconclusive" and rows[2]["reason"] == "fewer than 2 seeds"
     table = text_tower_markdown(rows, header="h")
     assert "| started from the teacher's and trained | 3 |" in table and "from_teacher: [4]" in table
+
+
+def test_the_outline_family_is_shape_with_one_red_object_and_label_texts():
+    shape, outline = preset(PRESET[Family.SHAPE]), preset(PRESET[Family.OUTLINE])
+    scenes = outline.data.synthetic
+    assert scenes.label == Label.SHAPE and scenes.colours == (Colour.RED,) and scenes.max_objects == 1
+    assert scenes.texts == Texts.LABELS and shape.data.synthetic.texts == Texts.SCENE
+    assert outline.steps == 1000
+    assert dataclasses.replace(outline, steps=shape.steps,
+                               data=dataclasses.replace(outline.data, synthetic=shape.data.synthetic)) == shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -145,3 +146,19 @@ def test_scene_ids_are_the_ids_ingest_gives_the_same_bytes():
     image_row, truth_row = syn.scene_rows(scene, "train", 3)
     assert image_row["id"] == truth_row["id"] == image_id(hashlib.sha256(image_row["image"]).hexdigest())
     assert len(image_row["id"]) == 32
+
+
+def test_label_texts_name_the_labels_alone_and_leave_the_scene_as_it_was():
+    scene_cfg = syn.SyntheticConfig(image_size=64, max_objects=3, train_size=6)
+    labels_cfg = dataclasses.replace(scene_cfg, texts=syn.Texts.LABELS)
+    for index in range(6):
+        scene, labelled = syn.make_scene(scene_cfg, "train", index), syn.make_scene(labels_cfg, "train", index)
+        assert np.array_equal(np.asarray(scene.image), np.asarray(labelled.image))
+        assert np.array_equal(scene.mask, labelled.mask) and scene.objects == labelled.objects
+        words = [f"a {o.category.value}" for o in sorted(scene.objects, key=lambda o: (-o.visible_pixels, o.layer))]
+        expected = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        assert labelled.alt_text == expected
+        assert set(labelled.captions.values()) == {expected} and set(labelled.captions) == set(scene.captions)
+    one = dataclasses.replace(labels_cfg, label=syn.Label.COLOUR, max_objects=1)
+    colours = {syn.make_scene(one, "train", i).alt_text for i in range(12)}
+    assert colours <= {f"{'an' if c.value[0] in 'aeiou' else 'a'} {c.value}" for c in syn.Colour} and len(colours) > 1

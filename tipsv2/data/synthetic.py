@@ -69,6 +69,12 @@ class Label(str, enum.Enum):
     COLOUR = "colour"  # label i + 1 = colours[i]: readable from any patch of the object
 
 
+class Texts(str, enum.Enum):
+    """What a scene's captions and alt-text say."""
+    SCENE = "scene"    # captions describe the scene (sizes, colours, shapes, places, background); alt-text: noisy tags
+    LABELS = "labels"  # every caption and the alt-text name only the visible objects' labels, largest first
+
+
 class Split(str, enum.Enum):
     TRAIN = "train"
     VAL = "val"
@@ -101,6 +107,7 @@ class SyntheticConfig:
     sizes: tuple[Size, ...] = tuple(Size)
     textures: tuple[Texture, ...] = tuple(Texture)
     label: Label = Label.SHAPE                 # what mask labels name (Label.COLOUR: a patch can see its class)
+    texts: Texts = Texts.SCENE                 # Texts.LABELS: texts name the labels alone ("a star and a ring")
     size_scale: float = 1.0                    # multiplies SIZE_FRACTION (1.6: large objects span ~5 patches at 112 px)
     min_objects: int = 1
     max_objects: int = 4
@@ -324,13 +331,21 @@ def render_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> Scene:
         depth=depth,
         objects=objects,
         texture=texture,
-        captions={
-            Granularity.SHORT.value: short_caption(objects),
-            Granularity.MEDIUM.value: medium_caption(objects, texture),
-            Granularity.LONG.value: long_caption(objects, texture, cfg.image_size, overlaps),
-        },
-        alt_text=alt_text(rng, cfg, objects),
+        **scene_texts(rng, cfg, objects, texture, overlaps),
     )
+
+
+def scene_texts(rng: np.random.Generator, cfg: SyntheticConfig, objects: Sequence[SceneObject], texture: Texture,
+                overlaps: set[tuple[int, int]]) -> dict:
+    """The `captions` (one per granularity) and `alt_text` of a scene, as `cfg.texts` says."""
+    if cfg.texts is Texts.LABELS:
+        text = labels_caption(objects, cfg.label)
+        return {"captions": {g.value: text for g in (Granularity.SHORT, Granularity.MEDIUM, Granularity.LONG)},
+                "alt_text": text}
+    return {"captions": {Granularity.SHORT.value: short_caption(objects),
+                         Granularity.MEDIUM.value: medium_caption(objects, texture),
+                         Granularity.LONG.value: long_caption(objects, texture, cfg.image_size, overlaps)},
+            "alt_text": alt_text(rng, cfg, objects)}
 
 
 # ---------------------------------------------------------------- text
@@ -346,6 +361,12 @@ def _join(parts: Sequence[str]) -> str:
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+def labels_caption(objects: Sequence[SceneObject], label: Label) -> str:
+    """The objects' labels alone, largest visible first: 'a star and a ring' (Label.COLOUR: 'a red and a blue')."""
+    words = [o.colour.value if label == Label.COLOUR else o.category.value for o in _by_visible_area(objects)]
+    return _join([f"{_article(w)} {w}" for w in words])
 
 
 def short_caption(objects: Sequence[SceneObject]) -> str:
