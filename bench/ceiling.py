@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.ceiling --family colour --seeds 1000 --steps 300         # the easy case, 1 min
 
 `bench.learning` asks whether the recipe's weak signals (captions, self-distillation) teach each patch
-token the class of the object it lies on. This bench gives the tower the class itself: the `learning`
+token the class of the object it lies on. This bench gives the tower the class itself: the family's
 preset's vision tower, from random init, with a linear head on its final patch tokens, trained with
 cross-entropy on each patch's majority label (background included) of the same 1024 training scenes, at
 the preset's batch, learning rate, warm-up and cosine schedule, horizontal flips as augmentation. Its
@@ -105,8 +105,9 @@ def supervised(family: Family, seed: int, steps: int, points: Sequence[int]) -> 
 
 def foreground_chance(family: Family) -> float:
     """bench.learning's chance: the most frequent class's share of the test scenes' foreground patches."""
-    scenes_cfg = preset(PRESET[family]).data.synthetic
-    _, labels = split_tensors(scenes_cfg, synthetic.Split.TEST, preset(PRESET[family]).task.model.vision.patch_size)
+    cfg = preset(PRESET[family])
+    scenes_cfg = cfg.data.synthetic
+    _, labels = split_tensors(scenes_cfg, synthetic.Split.TEST, cfg.task.model.vision.patch_size)
     foreground = labels[labels != BACKGROUND].numpy() - 1
     return chance(foreground, len(synthetic.class_names(scenes_cfg)))["majority"]
 

@@ -106,7 +106,8 @@ class Family(str, enum.Enum):
     OUTLINE = "outline"
 
 
-PRESET = {Family.COLOUR: "learning", Family.SHAPE: "learning_shape", Family.OUTLINE: "learning_outline"}   # tipsv2.configs; also the results' name
+# tipsv2.configs; also the results' name
+PRESET = {Family.COLOUR: "learning", Family.SHAPE: "learning_shape", Family.OUTLINE: "learning_outline"}
 
 
 class Arm(str, enum.Enum):
