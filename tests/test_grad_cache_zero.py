@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipelines.testing import free_port
-from tests.test_grad_cache import per_example_cfg
+from tests.test_grad_cache import assert_grad_close, per_example_cfg
 from tests.test_task import make_batch
 
 GLOBAL, WORLD, STEP = 64, 2, 3
@@ -157,7 +157,7 @@ def assert_same(got: tuple, want: tuple) -> None:
         assert got_losses[key] == pytest.approx(value, rel=1e-5), key
     assert got_grads.keys() == want_grads.keys()
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, **TOL, msg=name)
+        assert_grad_close(got_grads[name], grad, name)
 
 
 @pytest.mark.slow
