@@ -119,6 +119,6 @@ def test_the_outline_family_is_shape_with_one_red_object_and_label_texts():
     scenes = outline.data.synthetic
     assert scenes.label == Label.SHAPE and scenes.colours == (Colour.RED,) and scenes.max_objects == 1
     assert scenes.texts == Texts.LABELS and shape.data.synthetic.texts == Texts.SCENE
-    assert outline.steps == 1000
-    assert dataclasses.replace(outline, steps=shape.steps,
-                               data=dataclasses.replace(outline.data, synthetic=shape.data.synthetic)) == shape
+    assert outline.steps == 1000 and outline.data.masking.ratio == 0.3 and shape.data.masking.ratio == 0.75
+    assert dataclasses.replace(outline, steps=shape.steps, data=dataclasses.replace(
+        outline.data, synthetic=shape.data.synthetic, masking=shape.data.masking)) == shape
