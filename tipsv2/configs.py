@@ -168,10 +168,10 @@ def learning_outline() -> PretrainConfig:
     apart only by their outlines. 1000 steps: our choice from the tuning seeds (1000, 1001) of
     bench/results/learning_shape_exploration.md (section "Both levers"): with these scenes and texts the
     patches leave chance (chance 0.256: 0.47 at step 1000 of a 3000-step schedule, seed 1000; 0.32 at the end
-    of a 1000-step one, seed 1001), where the `learning_shape` scenes stay
-    at chance at 3000. Masking ratio 0.3: our choice, the best of six settings tried one at a time on those
-    seeds (E8 there: 0.449 and 0.436, 1.7x chance on both, where the preset's 0.75 gave 0.236 and 0.316 and 0.1
-    gave 0.256 and 0.334); still short of issue 25's 2x, so the deciding run decides iBOT++ vs iBOT only."""
+    of a 1000-step one, seed 1001), where the `learning_shape` scenes stay at chance at 3000. Masking ratio 0.3:
+    our choice, the best of six settings tried one at a time on those seeds (E8 there: 0.449 and 0.436, 1.7x
+    chance on both, where 0.75 gave 0.236 and 0.316 and 0.1 gave 0.256 and 0.334). On 8 fresh seeds it reads
+    1.16x chance, short of issue 25's 2x (bench/results/learning_outline/learning_outline.md)."""
     cfg = learning_shape()
     scenes = replace(cfg.data.synthetic, colours=(Colour.RED,), max_objects=1, texts=Texts.LABELS)
     data = replace(cfg.data, synthetic=scenes, masking=replace(cfg.data.masking, ratio=0.3))

@@ -1,38 +1,68 @@
-"""Scratch tuning run for the outline family (issue 25, E8): the ibot_pp arm of `learning_outline` with overrides,
-read by bench.learning.evaluate at given steps of one schedule. One thread."""
-import argparse, json, time, tempfile
+"""The scratch run behind E8 (learning_shape_exploration.md; issue 25): the ibot_pp arm of `learning_outline`
+with one change (`--set`, a nested dict merged into the preset), one schedule of `--steps`, read by the bench's
+own `evaluate` at the steps of `--at` (probe and retrieval at the end only). One thread; one JSON row per reading,
+printed and appended to `--out`. Kept as the record of how `outline_tuning.jsonl` was made. Its rows were made
+while the preset's masking ratio was 0.75 (E8 then moved it to 0.3): to rerun a row, add
+`"data": {"masking": {"ratio": 0.75}}` to its change unless the change sets the ratio.
+
+    PYTHONPATH=. python bench/results/outline_tuning.py --name mask_0.3 --seed 1000 --set '{"data": {"masking": {"ratio": 0.3}}}' \
+        --out bench/results/outline_tuning.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
 from pathlib import Path
+
 import torch
-torch.set_num_threads(1)
+
+from bench.learning import PRIMARY, evaluate
 from tipsv2 import config_tree
 from tipsv2.configs import preset
-from tipsv2.loop import build_pretrain_task, endless, fit, fit_tokenizer, synthetic_records, TowerDepths
-from bench.learning import evaluate, PRIMARY
+from tipsv2.loop import TowerDepths, build_pretrain_task, endless, fit, fit_tokenizer, synthetic_records
 
-p = argparse.ArgumentParser()
-p.add_argument("--name"); p.add_argument("--seed", type=int); p.add_argument("--steps", type=int, default=1000)
-p.add_argument("--set", default="{}"); p.add_argument("--at", default="500,1000"); p.add_argument("--out")
-a = p.parse_args()
-over = json.loads(a.set)
-cfg = config_tree.merge(preset("learning_outline"), over)
-import dataclasses
-cfg = dataclasses.replace(cfg, steps=a.steps, seed=a.seed)
-records = synthetic_records(cfg.data.synthetic)
-tmp = tempfile.mkdtemp()
-tok = fit_tokenizer(records, cfg.data.tokenizer_vocab, Path(tmp) / "spm.model", max_len=cfg.task.model.text.max_len)
-task = build_pretrain_task(cfg)
-at = {int(x) for x in a.at.split(",")}
-t0 = time.perf_counter()
-def emit(step):
-    m = evaluate(task.model, tok, cfg, probe=(step == a.steps))
-    task.model.train()
-    row = {"name": a.name, "set": over, "seed": a.seed, "step": step, "of": a.steps, "acc": m[PRIMARY],
-           "chance": m["patch/chance"], "noise": m["patch/chance_noise"], "auroc": m["patch/auroc"],
-           "r1": m.get("retrieval/i2t_r1"), "probe": m.get("linear_probe/miou"), "wall_s": time.perf_counter() - t0}
-    print(json.dumps(row), flush=True)
-    with open(a.out, "a") as f: f.write(json.dumps(row) + "\n")
-def on_step(step, row):
-    if step + 1 in at and step + 1 != a.steps: emit(step + 1)
-stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=cfg.task.model.vision.patch_size, tokenizer=tok)
-fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model), on_step=on_step)
-emit(a.steps)
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--set", default="{}", help="JSON: the change, merged into `learning_outline`")
+    parser.add_argument("--at", default="500,1000", help="the steps to read, comma-separated")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    change = json.loads(args.set)
+    cfg = dataclasses.replace(config_tree.merge(preset("learning_outline"), change), steps=args.steps, seed=args.seed)
+    records = synthetic_records(cfg.data.synthetic)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = fit_tokenizer(records, cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
+                                  max_len=cfg.task.model.text.max_len)
+        task = build_pretrain_task(cfg)
+
+        def read(step: int) -> None:
+            m = evaluate(task.model, tokenizer, cfg, probe=step == args.steps)
+            task.model.train()
+            row = {"name": args.name, "set": change, "seed": args.seed, "step": step, "of": args.steps,
+                   "acc": m[PRIMARY], "chance": m["patch/chance"], "noise": m["patch/chance_noise"],
+                   "auroc": m["patch/auroc"], "r1": m.get("retrieval/i2t_r1"), "probe": m.get("linear_probe/miou"),
+                   "wall_s": time.perf_counter() - start}
+            print(json.dumps(row), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+        at = {int(x) for x in args.at.split(",")} - {args.steps}
+        stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=cfg.task.model.vision.patch_size,
+                         tokenizer=tokenizer)
+        fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),
+            on_step=lambda step, _: read(step + 1) if step + 1 in at else None)
+        read(args.steps)
+
+
+if __name__ == "__main__":
+    main()
