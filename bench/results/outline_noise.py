@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.results.outline_tuning import append, train_and_read
 from tipsv2.configs import preset
 from tipsv2.data import synthetic
 from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder
 from tipsv2.eval.patch_text import BACKGROUND, PatchTextConfig, patch_cosines, patch_labels
-from tipsv2.loop import TowerDepths, build_pretrain_task, endless, fit, fit_tokenizer, synthetic_records
+from tipsv2.tokenizer import Tokenizer
 
 
 def cosines_and_labels(model, tokenizer, scenes_cfg, indices: range, *, dense: bool) -> tuple[torch.Tensor, np.ndarray]:
@@ -65,32 +64,19 @@ def main() -> None:
     cfg = dataclasses.replace(preset("learning_outline"), steps=args.steps, seed=args.seed)
     scenes_cfg = cfg.data.synthetic
     n = scenes_cfg.test_size
-    records = synthetic_records(scenes_cfg)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = fit_tokenizer(records, cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
-                                  max_len=cfg.task.model.text.max_len)
-        task = build_pretrain_task(cfg)
 
-        def read(step: int) -> None:
-            task.model.eval()
-            bench = readings(*cosines_and_labels(task.model, tokenizer, scenes_cfg, range(n), dense=True))
-            other = readings(*cosines_and_labels(task.model, tokenizer, scenes_cfg, range(n, 2 * n), dense=True))
-            final = readings(*cosines_and_labels(task.model, tokenizer, scenes_cfg, range(n), dense=False))
-            task.model.train()
-            row = {"seed": args.seed, "step": step, "of": args.steps, "a": bench["acc"], "b": other["acc"],
-                   "c": bench["top_share"], "d": bench["centred_acc"], "e": final["acc"],
-                   "chance": bench["chance"], "chance_b": other["chance"], "wall_s": time.perf_counter() - start}
-            print(json.dumps(row), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    def read(model: torch.nn.Module, tokenizer: Tokenizer, step: int) -> None:
+        def reading(indices: range, *, dense: bool) -> dict[str, float]:
+            return readings(*cosines_and_labels(model, tokenizer, scenes_cfg, indices, dense=dense))
 
-        at = {int(x) for x in args.at.split(",")} - {args.steps}
-        stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=cfg.task.model.vision.patch_size,
-                         tokenizer=tokenizer)
-        fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),
-            on_step=lambda step, _: read(step + 1) if step + 1 in at else None)
-        read(args.steps)
+        bench, other = reading(range(n), dense=True), reading(range(n, 2 * n), dense=True)
+        final = reading(range(n), dense=False)
+        append({"seed": args.seed, "step": step, "of": args.steps, "a": bench["acc"], "b": other["acc"],
+                "c": bench["top_share"], "d": bench["centred_acc"], "e": final["acc"],
+                "chance": bench["chance"], "chance_b": other["chance"], "wall_s": time.perf_counter() - start}, args.out)
+
+    train_and_read(cfg, at={int(x) for x in args.at.split(",")}, read=read)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,45 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from bench.learning import PRIMARY, evaluate
 from tipsv2 import config_tree
-from tipsv2.configs import preset
+from tipsv2.configs import PretrainConfig, preset
 from tipsv2.loop import TowerDepths, build_pretrain_task, endless, fit, fit_tokenizer, synthetic_records
+from tipsv2.tokenizer import Tokenizer
+
+
+def append(row: dict, out: Path) -> None:
+    """Print one JSON row and append it to `out`."""
+    print(json.dumps(row), flush=True)
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def train_and_read(cfg: PretrainConfig, *, at: set[int], read: Callable[[torch.nn.Module, Tokenizer, int], None]
+                   ) -> None:
+    """Train the ibot_pp arm of `cfg` for `cfg.steps` as the bench does, calling `read(model, tokenizer, step)`
+    after each step in `at` and at the end (in eval mode; training resumes in train mode)."""
+    records = synthetic_records(cfg.data.synthetic)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = fit_tokenizer(records, cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
+                                  max_len=cfg.task.model.text.max_len)
+        task = build_pretrain_task(cfg)
+
+        def reading(step: int) -> None:
+            task.model.eval()
+            read(task.model, tokenizer, step)
+            task.model.train()
+
+        early = at - {cfg.steps}
+        stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=cfg.task.model.vision.patch_size,
+                         tokenizer=tokenizer)
+        fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),
+            on_step=lambda step, _: reading(step + 1) if step + 1 in early else None)
+        reading(cfg.steps)
 
 
 def main() -> None:
@@ -38,30 +70,17 @@ def main() -> None:
     torch.set_num_threads(1)
     change = json.loads(args.set)
     cfg = dataclasses.replace(config_tree.merge(preset("learning_outline"), change), steps=args.steps, seed=args.seed)
-    records = synthetic_records(cfg.data.synthetic)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = fit_tokenizer(records, cfg.data.tokenizer_vocab, Path(tmp) / "spm.model",
-                                  max_len=cfg.task.model.text.max_len)
-        task = build_pretrain_task(cfg)
 
-        def read(step: int) -> None:
-            m = evaluate(task.model, tokenizer, cfg, probe=step == args.steps)
-            task.model.train()
-            row = {"name": args.name, "set": change, "seed": args.seed, "step": step, "of": args.steps,
-                   "acc": m[PRIMARY], "chance": m["patch/chance"], "noise": m["patch/chance_noise"],
-                   "auroc": m["patch/auroc"], "r1": m.get("retrieval/i2t_r1"), "probe": m.get("linear_probe/miou"),
-                   "wall_s": time.perf_counter() - start}
-            print(json.dumps(row), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+    def read(model: torch.nn.Module, tokenizer: Tokenizer, step: int) -> None:
+        m = evaluate(model, tokenizer, cfg, probe=step == args.steps)
+        row = {"name": args.name, "set": change, "seed": args.seed, "step": step, "of": args.steps,
+               "acc": m[PRIMARY], "chance": m["patch/chance"], "noise": m["patch/chance_noise"],
+               "auroc": m["patch/auroc"], "r1": m.get("retrieval/i2t_r1"), "probe": m.get("linear_probe/miou"),
+               "wall_s": time.perf_counter() - start}
+        append(row, args.out)
 
-        at = {int(x) for x in args.at.split(",")} - {args.steps}
-        stream = endless(records, data=cfg.data, seed=cfg.seed, patch_size=cfg.task.model.vision.patch_size,
-                         tokenizer=tokenizer)
-        fit(task, stream=stream, optim=cfg.optim, steps=cfg.steps, depths=TowerDepths.of(cfg.task.model),
-            on_step=lambda step, _: read(step + 1) if step + 1 in at else None)
-        read(args.steps)
+    train_and_read(cfg, at={int(x) for x in args.at.split(",")}, read=read)
 
 
 if __name__ == "__main__":
