@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,35 +23,30 @@ from bench.results.outline_tuning import append, train_and_read
 from tipsv2.configs import preset
 from tipsv2.data import synthetic
 from tipsv2.eval.features import class_embeddings, model_image_encoder, model_text_encoder
-from tipsv2.eval.patch_text import BACKGROUND, PatchTextConfig, patch_cosines, patch_labels
+from tipsv2.eval.patch_text import BACKGROUND, PatchTextConfig, chance, patch_cosines, patch_labels
 from tipsv2.tokenizer import Tokenizer
 
 
-def cosines_and_labels(model, tokenizer, scenes_cfg, indices: range, *, dense: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """(N, C) patch-text cosines of every patch of the test scenes at `indices`, and (N,) their labels."""
+def cosines_and_labels(encode_image, class_text: torch.Tensor, scenes: Sequence[synthetic.Scene], *, dense: bool
+                       ) -> tuple[torch.Tensor, np.ndarray]:
+    """(N, C) patch-text cosines of every patch of `scenes`, and (N,) their labels."""
     cfg = PatchTextConfig(dense=dense)
-    names = synthetic.class_names(scenes_cfg)
-    class_text = class_embeddings(model_text_encoder(model, tokenizer), names, cfg.templates)
-    encode_image = model_image_encoder(model)
-    cosines, labels = [], []
-    for i in indices:
-        scene = synthetic.make_scene(scenes_cfg, synthetic.Split.TEST, i)
-        cosines.append(patch_cosines(encode_image, class_text, scene.image, cfg))
-        labels.append(patch_labels(np.asarray(scene.mask), cfg.patch_size))
+    cosines = [patch_cosines(encode_image, class_text, s.image, cfg) for s in scenes]
+    labels = [patch_labels(np.asarray(s.mask), cfg.patch_size) for s in scenes]
     return torch.cat(cosines), np.concatenate(labels)
 
 
 def readings(cosine: torch.Tensor, label: np.ndarray) -> dict[str, float]:
     """Accuracy over foreground patches, the most-predicted class's share, and the accuracy once each class's
-    mean cosine over all patches is subtracted."""
+    mean cosine over all patches is subtracted; chance as the bench defines it (`patch_text.chance`)."""
     fg = torch.from_numpy(label != BACKGROUND)
     truth = torch.from_numpy(label)[fg] - 1
     predicted = cosine[fg].argmax(dim=1)
     centred = (cosine - cosine.mean(dim=0, keepdim=True))[fg].argmax(dim=1)
     share = torch.bincount(predicted, minlength=cosine.shape[1]).max().item() / len(predicted)
-    counts = torch.bincount(truth, minlength=cosine.shape[1])
     return {"acc": float((predicted == truth).double().mean()), "top_share": share,
-            "centred_acc": float((centred == truth).double().mean()), "chance": counts.max().item() / len(truth)}
+            "centred_acc": float((centred == truth).double().mean()),
+            "chance": max(chance(truth.numpy(), cosine.shape[1]).values())}
 
 
 def main() -> None:
@@ -64,14 +60,20 @@ def main() -> None:
     cfg = dataclasses.replace(preset("learning_outline"), steps=args.steps, seed=args.seed)
     scenes_cfg = cfg.data.synthetic
     n = scenes_cfg.test_size
+    test = [synthetic.make_scene(scenes_cfg, synthetic.Split.TEST, i) for i in range(2 * n)]   # the bench's, then n others
+    bench_scenes, other_scenes = test[:n], test[n:]
+    templates = PatchTextConfig().templates
     start = time.perf_counter()
 
     def read(model: torch.nn.Module, tokenizer: Tokenizer, step: int) -> None:
-        def reading(indices: range, *, dense: bool) -> dict[str, float]:
-            return readings(*cosines_and_labels(model, tokenizer, scenes_cfg, indices, dense=dense))
+        encode_image = model_image_encoder(model)
+        class_text = class_embeddings(model_text_encoder(model, tokenizer), synthetic.class_names(scenes_cfg), templates)
 
-        bench, other = reading(range(n), dense=True), reading(range(n, 2 * n), dense=True)
-        final = reading(range(n), dense=False)
+        def reading(scenes: Sequence[synthetic.Scene], *, dense: bool) -> dict[str, float]:
+            return readings(*cosines_and_labels(encode_image, class_text, scenes, dense=dense))
+
+        bench, other = reading(bench_scenes, dense=True), reading(other_scenes, dense=True)
+        final = reading(bench_scenes, dense=False)
         append({"seed": args.seed, "step": step, "of": args.steps, "a": bench["acc"], "b": other["acc"],
                 "c": bench["top_share"], "d": bench["centred_acc"], "e": final["acc"],
                 "chance": bench["chance"], "chance_b": other["chance"], "wall_s": time.perf_counter() - start}, args.out)
